@@ -1,0 +1,161 @@
+"""Make Megatron-Core run on a CPU-only torch (gloo), for tests, the demo and laptops.
+
+Megatron-Core assumes CUDA throughout. On a torch built without CUDA every ``torch.cuda.*`` entry
+point below asserts "Torch not compiled with CUDA enabled". :func:`enable_cpu_mode` patches exactly
+these points, once per process, and only when ``torch.cuda.is_available()`` is False; on a GPU
+machine it does nothing. This module is the single, contained exception to "no global mutable state"
+(see STYLE.md, point 7).
+
+Patch points and why:
+
+1. ``torch.cuda.current_device`` -> 0. Megatron passes it as ``device=`` in ~170 places (attention
+   buffers, linear layers, RoPE, schedules); the torch-function mode (6) then maps device 0 to CPU.
+2. ``torch.cuda.synchronize``, ``torch.cuda.empty_cache`` -> no-ops (timers, checkpointing).
+3. ``torch.cuda.get_rng_state`` / ``set_rng_state`` / ``manual_seed`` / ``manual_seed_all`` -> the
+   CPU generator. ``model_parallel_cuda_manual_seed`` must still run because attention forks the RNG
+   tracker; with these, each tracker state is a CPU generator state.
+4. ``megatron.core.tensor_parallel.random._get_cuda_rng_state`` / ``_set_cuda_rng_state`` -> the CPU
+   generator (they index ``torch.cuda.default_generators`` directly).
+5. ``torch.cuda.memory_allocated`` / ``max_memory_allocated`` / ``memory_reserved`` -> 0, and
+   ``torch.cuda.nvtx.range_push`` / ``range_pop`` -> no-ops (logging and profiling hooks).
+6. A ``TorchFunctionMode`` pushed once for the process that rewrites CUDA devices to CPU in every
+   torch call: ``device="cuda"`` / ``device=0`` / ``torch.device("cuda")`` keyword or ``Tensor.to``
+   argument, ``Tensor.cuda()`` becomes a no-op, and the zero-argument ``Tensor.type()`` reports
+   ``torch.cuda.*Tensor`` (the optimizer and DDP check parameter types against those strings). Used by
+   the pipeline schedule (``torch.zeros(..., device="cuda")``), the optimizer
+   (``torch.tensor([1.0], device="cuda")``), DDP buffers and tied embeddings under PP
+   (``weight.data.cuda()``). Its overhead was not measurable on a 3.7M-parameter model.
+7. ``torch.cuda.Stream`` / ``current_stream`` / ``Event`` -> inert stand-ins (DDP and the optimizer
+   create and wait on streams and events; on CPU every op is already synchronous).
+
+Limits: sequence parallelism and TransformerEngine layers need CUDA; use the local layer spec,
+``use_cpu_initialization=True`` and fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_lock = threading.Lock()
+_state = {"enabled": False}  # the one piece of process state this module owns (see docstring)
+
+
+def _to_cpu_device(dev):
+    if isinstance(dev, torch.device):
+        return torch.device("cpu") if dev.type == "cuda" else dev
+    if isinstance(dev, int) and not isinstance(dev, bool):
+        return torch.device("cpu")
+    if isinstance(dev, str) and dev.startswith("cuda"):
+        return "cpu"
+    return dev
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrite CUDA devices to CPU in every torch call (patch point 6)."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if "device" in kwargs:
+            kwargs["device"] = _to_cpu_device(kwargs["device"])
+        if func is torch.Tensor.to and len(args) > 1:
+            args = (args[0], _to_cpu_device(args[1]), *args[2:])
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if name.startswith("torch.") else name
+        return func(*args, **kwargs)
+
+
+class _NullStream:
+    """Inert stand-in for torch.cuda.Stream / Event on CPU (patch point 7)."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, *a, **k):
+        pass
+
+    def wait_event(self, *a, **k):
+        pass
+
+    def record_event(self, *a, **k):
+        return _NullStream()
+
+    def record(self, *a, **k):
+        pass
+
+    def synchronize(self):
+        pass
+
+    def query(self):
+        return True
+
+    def elapsed_time(self, other):
+        return 0.0
+
+    def wait(self, *a, **k):
+        pass
+
+
+def _cpu_get_rng_state(*args, **kwargs):
+    return torch.get_rng_state()
+
+
+def _cpu_set_rng_state(state, *args, **kwargs):
+    torch.set_rng_state(state)
+
+
+def _noop(*args, **kwargs):
+    return None
+
+
+def enable_cpu_mode() -> bool:
+    """Apply every patch listed in the module docstring; returns True when CPU mode is active.
+
+    Idempotent, and a no-op returning False when CUDA is available.
+    """
+    if torch.cuda.is_available():
+        return False
+    with _lock:
+        if _state["enabled"]:
+            return True
+        cuda = torch.cuda
+        cuda.current_device = lambda: 0
+        cuda.synchronize = _noop
+        cuda.empty_cache = _noop
+        cuda.get_rng_state = _cpu_get_rng_state
+        cuda.set_rng_state = _cpu_set_rng_state
+        # torch.manual_seed itself calls torch.cuda.manual_seed_all: seed the CPU generator directly.
+        cuda.manual_seed = lambda seed: torch.default_generator.manual_seed(int(seed)) and None
+        cuda.manual_seed_all = cuda.manual_seed
+        cuda.memory_allocated = lambda *a, **k: 0
+        cuda.max_memory_allocated = lambda *a, **k: 0
+        cuda.memory_reserved = lambda *a, **k: 0
+        cuda.Stream = _NullStream
+        cuda.Event = _NullStream
+        cuda.current_stream = lambda *a, **k: _NullStream()
+        cuda.default_stream = lambda *a, **k: _NullStream()
+        cuda.stream = lambda *a, **k: contextlib.nullcontext()
+        cuda.nvtx.range_push = _noop
+        cuda.nvtx.range_pop = _noop
+
+        from megatron.core.tensor_parallel import random as mrandom
+
+        mrandom._get_cuda_rng_state = _cpu_get_rng_state
+        mrandom._set_cuda_rng_state = _cpu_set_rng_state
+
+        _CudaToCpuMode().__enter__()  # stays pushed for the life of the process
+        _state["enabled"] = True
+    return True
+
+
+def default_device() -> torch.device:
+    """The device tensors of the policy live on: the current CUDA device, or CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

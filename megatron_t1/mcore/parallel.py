@@ -1,0 +1,107 @@
+"""torch.distributed and Megatron model-parallel groups from a :class:`ParallelConfig`.
+
+Launch with torchrun (it sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT) or call
+:func:`init_parallel` from a process that already ran ``init_process_group`` (tests).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core import tensor_parallel
+
+from megatron_t1.config import ConfigError, ParallelConfig
+from megatron_t1.mcore.cpu import enable_cpu_mode
+
+
+@dataclass(frozen=True)
+class ParallelContext:
+    """Where this rank sits. Groups are read from Megatron's parallel_state by the callers that
+    need them; the sizes and ranks here are what the training loop and logging use."""
+
+    rank: int
+    world_size: int
+    tp: int
+    pp: int
+    dp: int
+    tp_rank: int
+    pp_rank: int
+    dp_rank: int
+    vpp: int | None
+    device: torch.device
+
+    @property
+    def is_logging_rank(self) -> bool:
+        """The last pipeline stage's first TP/DP rank: it holds the loss."""
+        return self.tp_rank == 0 and self.dp_rank == 0 and self.pp_rank == self.pp - 1
+
+    @property
+    def is_first_pp_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_pp_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+
+def init_parallel(pcfg: ParallelConfig, *, seed: int, device: str = "auto") -> ParallelContext:
+    """Initialise torch.distributed (if needed), the CPU patches (without CUDA), Megatron's TP/PP/DP
+    groups and its model-parallel RNG. Single-process runs need no launcher: world size 1."""
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("run.device is cuda but torch sees no GPU")
+    if not use_cuda:
+        enable_cpu_mode()
+    backend = pcfg.backend if pcfg.backend != "auto" else ("nccl" if use_cuda else "gloo")
+    if not dist.is_initialized():
+        if "RANK" not in os.environ:  # a plain `python -m megatron_t1 ...`: a world of one
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        if use_cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=pcfg.timeout_minutes))
+    world = dist.get_world_size()
+    dp = pcfg.data_parallel_size(world)
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    ps.initialize_model_parallel(
+        tensor_model_parallel_size=pcfg.tp,
+        pipeline_model_parallel_size=pcfg.pp,
+        virtual_pipeline_model_parallel_size=pcfg.virtual_pipeline_model_parallel_size,
+        distributed_timeout_minutes=int(max(1, pcfg.timeout_minutes)),
+    )
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    return ParallelContext(
+        rank=dist.get_rank(),
+        world_size=world,
+        tp=pcfg.tp,
+        pp=pcfg.pp,
+        dp=dp,
+        tp_rank=ps.get_tensor_model_parallel_rank(),
+        pp_rank=ps.get_pipeline_model_parallel_rank(),
+        dp_rank=ps.get_data_parallel_rank(),
+        vpp=pcfg.virtual_pipeline_model_parallel_size,
+        device=torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu"),
+    )
+
+
+def destroy_parallel() -> None:
+    """Tear down Megatron's groups and the default process group (tests, end of a run)."""
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
