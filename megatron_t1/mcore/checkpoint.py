@@ -1,0 +1,253 @@
+"""Distributed checkpoints (Megatron ``dist_checkpointing``, torch_dist format): save, load, resume.
+
+Layout of a run folder's checkpoints::
+
+    runs/NAME/checkpoints/
+      step_0000010/            one complete checkpoint (torch_dist files + our metadata)
+        megatron_t1.json       {"format", "step", "model": ModelConfig fields, "tp", "pp", ...}
+        common.pt, *.distcp    Megatron's files: model under keys "model.*", optimizer states
+        rng/rank_00000.pt      per-rank RNG (restored only when the world size matches)
+      latest                   text file naming the newest complete step folder
+
+A checkpoint is complete or absent: every rank writes into ``step_X.tmp/``; after a barrier rank 0
+writes the metadata, renames the folder and only then moves ``latest`` (temp file + rename). A
+crash at any point leaves either the previous ``latest`` or the new one, never a half checkpoint
+that ``latest`` names. The torch_dist format reshards: a checkpoint saved at one TP/PP loads at
+another.
+
+``init_from`` (weights only, starts a new run) and resume (the run's own ``latest``: model,
+optimizer, scheduler, RNG, step and data position) are separate paths; a run with a ``latest``
+never silently restarts from ``init_from``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing, tensor_parallel
+
+from megatron_t1.config import Config, ConfigError
+from megatron_t1.mcore.model import unwrap
+
+METADATA_FILE = "megatron_t1.json"
+FORMAT = "megatron_t1/torch_dist"
+MODEL_PREFIX = "model."
+
+
+class CheckpointError(RuntimeError):
+    """A missing, partial or incompatible checkpoint (the message names the folder)."""
+
+
+def _model_sharded_sd(chunks: Sequence[torch.nn.Module]) -> dict:
+    if len(chunks) == 1:
+        return {"model": unwrap(chunks[0]).sharded_state_dict(prefix=MODEL_PREFIX)}
+    return {
+        f"model{i}": unwrap(c).sharded_state_dict(prefix=MODEL_PREFIX) for i, c in enumerate(chunks)
+    }
+
+
+def write_metadata(ckpt_dir: str | os.PathLike, cfg: Config, *, step: int, extra: dict | None = None) -> None:
+    """Write ``megatron_t1.json`` atomically."""
+    import dataclasses
+
+    meta = {
+        "format": FORMAT,
+        "step": step,
+        "model": dataclasses.asdict(cfg.model),
+        "tp": cfg.parallel.tp,
+        "pp": cfg.parallel.pp,
+        **(extra or {}),
+    }
+    p = Path(ckpt_dir) / METADATA_FILE
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, p)
+
+
+def read_metadata(ckpt_dir: str | os.PathLike) -> dict:
+    """Read and check ``megatron_t1.json``; a folder without it is not a complete checkpoint."""
+    p = Path(ckpt_dir) / METADATA_FILE
+    if not Path(ckpt_dir).is_dir():
+        raise CheckpointError(f"checkpoint folder not found: {ckpt_dir}")
+    if not p.is_file():
+        raise CheckpointError(
+            f"{ckpt_dir} is not a complete megatron_t1 checkpoint (no {METADATA_FILE}; an interrupted save?)"
+        )
+    meta = json.loads(p.read_text())
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{p}: unknown format {meta.get('format')!r} (expected {FORMAT!r})")
+    return meta
+
+
+def check_compatible(meta: dict, cfg: Config, where: str) -> None:
+    """The architecture in a checkpoint must equal the run's (TP/PP may differ: torch_dist reshards)."""
+    keys = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "vocab_size")
+    for k in keys + ("num_query_groups", "tie_word_embeddings", "add_qkv_bias"):
+        ours = getattr(cfg.model, k)
+        theirs = meta["model"].get(k)
+        if k == "num_query_groups":
+            ours, theirs = cfg.model.query_groups, theirs or meta["model"]["num_attention_heads"]
+        if theirs != ours:
+            raise ConfigError(f"{where}: checkpoint has model.{k}={theirs!r} but the config says {ours!r}")
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The folder ``latest`` names, or None when the run has not saved yet."""
+    marker = Path(root) / "latest"
+    if not marker.is_file():
+        return None
+    path = Path(root) / marker.read_text().strip()
+    read_metadata(path)  # raises if `latest` points at something incomplete
+    return path
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def save_checkpoint(
+    root: str | os.PathLike,
+    step: int,
+    cfg: Config,
+    chunks: Sequence[torch.nn.Module],
+    optimizer=None,
+    scheduler=None,
+    *,
+    state: dict[str, Any] | None = None,
+    extra_sharded: dict | None = None,
+) -> Path:
+    """Save everything needed to resume at ``step``; returns the final folder.
+
+    ``state`` is small picklable run state (data position, anchor step, metrics) saved once by
+    rank 0; ``extra_sharded`` holds more sharded tensors (e.g. the anchor's weights).
+    """
+    root = Path(root)
+    final = root / f"step_{step:07d}"
+    tmp = root / f"step_{step:07d}.tmp"
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    _barrier()
+    sharded = _model_sharded_sd(chunks)
+    if optimizer is not None and cfg.checkpoint.save_optimizer:
+        sharded["optimizer"] = optimizer.sharded_state_dict(sharded)
+    if extra_sharded:
+        sharded.update(extra_sharded)
+    sharded["run_state"] = {
+        "step": step,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "state": state or {},
+    }
+    dist_checkpointing.save(sharded, str(tmp))
+    rng_dir = tmp / "rng"
+    rng_dir.mkdir(exist_ok=True)
+    torch.save(
+        {
+            "world_size": dist.get_world_size() if dist.is_initialized() else 1,
+            "cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+        },
+        rng_dir / f"rank_{rank:05d}.pt",
+    )
+    _barrier()
+    if rank == 0:
+        write_metadata(tmp, cfg, step=step)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        marker = root / "latest"
+        marker_tmp = root / "latest.tmp"
+        marker_tmp.write_text(final.name)
+        os.replace(marker_tmp, marker)
+        _prune(root, keep=cfg.checkpoint.keep_last)
+    _barrier()
+    return final
+
+
+def _prune(root: Path, keep: int) -> None:
+    steps = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+    for old in steps[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_checkpoint(
+    ckpt_dir: str | os.PathLike,
+    cfg: Config,
+    chunks: Sequence[torch.nn.Module],
+    optimizer=None,
+    scheduler=None,
+    *,
+    weights_only: bool = False,
+    extra_sharded: dict | None = None,
+) -> dict:
+    """Load a checkpoint into ``chunks`` (and optimizer / scheduler / RNG unless ``weights_only``).
+
+    Returns ``{"step": int, "state": dict, **loaded extra_sharded}``.
+    """
+    meta = read_metadata(ckpt_dir)
+    check_compatible(meta, cfg, str(ckpt_dir))
+    sharded = _model_sharded_sd(chunks)
+    if not weights_only:
+        if optimizer is not None:
+            sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True)
+        sharded["run_state"] = None  # common (non-sharded) entries come back as saved
+    if extra_sharded:
+        sharded.update(extra_sharded)
+    if weights_only:
+        sharded.pop("run_state", None)
+    loaded = dist_checkpointing.load(sharded, str(ckpt_dir))
+    for i, c in enumerate(chunks):
+        _load_model_state(unwrap(c), loaded["model" if len(chunks) == 1 else f"model{i}"], ckpt_dir)
+    out: dict[str, Any] = {"step": 0, "state": {}}
+    for k in extra_sharded or {}:
+        out[k] = loaded[k]
+    if weights_only:
+        return out
+    if optimizer is not None:
+        if "optimizer" not in loaded:
+            raise CheckpointError(f"{ckpt_dir}: no optimizer state (saved with save_optimizer=false)")
+        optimizer.load_state_dict(loaded["optimizer"])
+    run_state = loaded.get("run_state") or {}
+    if scheduler is not None and run_state.get("scheduler") is not None:
+        scheduler.num_steps = 0  # Megatron's load_state_dict *adds* the saved step count
+        scheduler.load_state_dict(run_state["scheduler"])
+    out["step"] = int(run_state.get("step", meta["step"]))
+    out["state"] = run_state.get("state", {})
+    _restore_rng(Path(ckpt_dir))
+    return out
+
+
+def _load_model_state(model: torch.nn.Module, state: dict, ckpt_dir) -> None:
+    state = {k.removeprefix(MODEL_PREFIX): v for k, v in state.items()}
+    result = model.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    unexpected = [k for k in result.unexpected_keys if not k.endswith("_extra_state")]
+    if missing or unexpected:
+        raise CheckpointError(f"{ckpt_dir}: missing tensors {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def _restore_rng(ckpt_dir: Path) -> None:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    f = ckpt_dir / "rng" / f"rank_{rank:05d}.pt"
+    if not f.is_file():
+        return
+    rng = torch.load(f, weights_only=False)
+    if rng["world_size"] != world:
+        return  # a different layout: per-rank streams do not map; keep the fresh seeds
+    torch.set_rng_state(rng["cpu"])
+    if rng["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(rng["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(rng["tracker"])
