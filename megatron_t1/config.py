@@ -289,12 +289,17 @@ class RunConfig:
     """Optimizer steps (SFT: over the packed data, cycling epochs; RL: rollout batches)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto = cuda when available."""
+    exit_interval: Optional[int] = None
+    """Stop (after saving a checkpoint) every N steps; rerunning the same command resumes. For
+    preemptible queues and time-limited jobs, like Megatron-LM's --exit-interval."""
 
     def __post_init__(self) -> None:
         if not self.name or "/" in self.name:
             raise ConfigError(f"run.name must be a non-empty folder name, got {self.name!r}")
         if self.train_steps < 1:
             raise ConfigError(f"run.train_steps must be >= 1, got {self.train_steps}")
+        if self.exit_interval is not None and self.exit_interval < 1:
+            raise ConfigError(f"run.exit_interval must be >= 1 or null, got {self.exit_interval}")
 
     @property
     def run_dir(self) -> Path:

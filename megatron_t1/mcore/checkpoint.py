@@ -34,15 +34,12 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 
 from megatron_t1.config import Config, ConfigError
+from megatron_t1.errors import CheckpointError
 from megatron_t1.mcore.model import unwrap
 
 METADATA_FILE = "megatron_t1.json"
 FORMAT = "megatron_t1/torch_dist"
 MODEL_PREFIX = "model."
-
-
-class CheckpointError(RuntimeError):
-    """A missing, partial or incompatible checkpoint (the message names the folder)."""
 
 
 def _model_sharded_sd(chunks: Sequence[torch.nn.Module]) -> dict:
