@@ -28,6 +28,7 @@ setup(
         "tqdm>=4.66",
         "matplotlib>=3.8",
         "numpy>=1.26",
+        "pyarrow>=14",
     ],
     extras_require={
         "gpu": ["transformer-engine[pytorch]>=1.12"],
