@@ -1,0 +1,284 @@
+"""A small process pool that never hangs: per-task wall-clock guard, stuck or dead workers replaced.
+
+Why not ``concurrent.futures.ProcessPoolExecutor``: it cannot kill one stuck worker (a worker stuck
+in a C call holds its task forever) and a worker that dies breaks the whole executor. Here every
+worker has its own pipe, the parent knows which task each worker is on and since when, and
+
+* a task still running ``wall_timeout_s`` after it reached the head of its worker's queue gets
+  status ``"timeout"``; the worker is killed and a fresh one started;
+* a worker that dies (segfault, OOM kill) gives its current task status ``"died"`` and is
+  replaced; tasks queued behind it go back to the pending queue;
+* a task whose handler raises gets status ``"error"`` (the worker survives).
+
+Each worker runs ``handler(task, shared, context)`` one task at a time, where ``context`` is what
+``init(*init_args)`` returned at start-up and ``shared`` is a per-run dict of blobs the parent sends
+each worker at most once per run (the scorer ships each parsed reference answer this way, so it is
+parsed once per batch). Up to ``depth`` tasks are queued per worker, so a worker does not idle
+while the parent reads its last result.
+
+Processes use the ``spawn`` start method (no fork of a parent holding threads, CUDA or locks).
+Like every spawn user, a script that creates a pool must guard its entry point with
+``if __name__ == "__main__":``. Use the pool as a context manager, or call :meth:`close`.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import multiprocessing.connection as mpc
+import os
+import signal
+import time
+from collections import deque
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["TaskResult", "WorkerPool"]
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """Outcome of one task: ``status`` in {ok, timeout, died, error}; ``value`` the handler's
+    return value when ok, the exception text when error, None otherwise."""
+
+    status: str
+    value: Any = None
+
+
+def _worker_main(conn: mpc.Connection, handler: Callable, init: Callable | None, init_args: tuple) -> None:
+    """Loop of a worker process: ``("shared", run, key, blob)`` / ``("task", run, i, task)`` / None."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle, not ours
+    context = init(*init_args) if init is not None else None
+    conn.send(("ready", os.getpid()))
+    shared: dict = {}
+    current_run = None
+    while True:
+        try:
+            msg = conn.recv()
+        except (EOFError, OSError):
+            return
+        if msg is None:
+            return
+        kind, run_id = msg[0], msg[1]
+        if run_id != current_run:  # blobs live for one run (one batch)
+            shared.clear()
+            current_run = run_id
+        if kind == "shared":
+            shared[msg[2]] = msg[3]
+            continue
+        index, task = msg[2], msg[3]
+        try:
+            out = ("ok", handler(task, shared, context))
+        except Exception as e:  # a bug in one task must not take the worker down
+            out = ("error", f"{type(e).__name__}: {e}")
+        conn.send(("result", index, *out))
+
+
+@dataclass
+class _Slot:
+    proc: Any
+    conn: mpc.Connection
+    ready: bool = False
+    spawned_at: float = 0.0
+    queue: deque = field(default_factory=deque)  # task indices sent, oldest first
+    head_since: float = 0.0  # when queue[0] became the task the worker is on
+    blobs: set = field(default_factory=set)  # shared keys this worker holds for the current run
+    broken: bool = False  # a send failed: the worker is gone, handled once its pipe is drained
+
+
+class WorkerPool:
+    """``num_workers`` spawn processes running ``handler``; see the module docstring.
+
+    Args:
+        handler: module-level function ``(task, shared: dict, context) -> value`` (picklable by
+            reference). It must bound its own work where it can (the scorer arms SIGALRM); the
+            wall guard is the backstop.
+        num_workers: processes (>= 1).
+        wall_timeout_s: seconds a task may run before its worker is killed.
+        start_timeout_s: seconds a new worker may take to send "ready" (imports + ``init``).
+        init, init_args: module-level ``init(*init_args) -> context`` run once per worker.
+        depth: tasks queued per worker (>= 1).
+    """
+
+    def __init__(
+        self,
+        handler: Callable,
+        *,
+        num_workers: int,
+        wall_timeout_s: float,
+        start_timeout_s: float = 120.0,
+        init: Callable | None = None,
+        init_args: tuple = (),
+        depth: int = 2,
+    ) -> None:
+        if num_workers < 1 or depth < 1 or wall_timeout_s <= 0:
+            raise ValueError(f"WorkerPool: need num_workers >= 1, depth >= 1, wall_timeout_s > 0; got "
+                             f"{num_workers}, {depth}, {wall_timeout_s}")
+        self._ctx = mp.get_context("spawn")
+        self._handler, self._init, self._init_args = handler, init, init_args
+        self.wall_timeout_s = wall_timeout_s
+        self.start_timeout_s = start_timeout_s
+        self.depth = depth
+        self.restarts = 0
+        """Workers replaced so far (killed when stuck, or found dead)."""
+        self._run_id = 0
+        self._closed = False
+        self._slots = [self._spawn() for _ in range(num_workers)]
+
+    # ---------------------------------------------------------------------------------------------
+    def _spawn(self) -> _Slot:
+        parent, child = self._ctx.Pipe(duplex=True)
+        proc = self._ctx.Process(
+            target=_worker_main, args=(child, self._handler, self._init, self._init_args),
+            daemon=True, name="reward-worker",
+        )
+        proc.start()
+        child.close()
+        return _Slot(proc=proc, conn=parent, spawned_at=time.monotonic())
+
+    def _kill(self, slot: _Slot) -> None:
+        if slot.proc.is_alive():
+            slot.proc.kill()  # SIGKILL: a worker stuck in C ignores anything gentler
+        slot.proc.join(timeout=5)
+        slot.conn.close()
+
+    def _replace(self, i: int, pending: deque) -> None:
+        """Kill slot i, give its queued tasks (not the head, already resolved) back, respawn."""
+        slot = self._slots[i]
+        for index in reversed(slot.queue):
+            pending.appendleft(index)
+        slot.queue.clear()
+        self._kill(slot)
+        self.restarts += 1
+        self._slots[i] = self._spawn()
+
+    def wait_ready(self) -> None:
+        """Block until every worker finished start-up (optional: :meth:`run` waits as needed)."""
+        while not all(s.ready for s in self._slots):
+            self._wait_and_collect([], deque())
+
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the current workers (tests kill one to check recovery)."""
+        return [s.proc.pid for s in self._slots]
+
+    # ---------------------------------------------------------------------------------------------
+    def run(
+        self,
+        tasks: Sequence[Any],
+        blobs: dict[Hashable, bytes] | None = None,
+        needs: Sequence[Hashable | None] | None = None,
+    ) -> list[TaskResult]:
+        """Run ``tasks``; results in task order. ``needs[i]``: the key in ``blobs`` task i reads.
+
+        Blocks at most about ``len(tasks) / num_workers * wall_timeout_s`` (plus start-up of
+        replaced workers); never forever.
+        """
+        if self._closed:
+            raise RuntimeError("WorkerPool is closed")
+        self._run_id += 1
+        for slot in self._slots:
+            slot.blobs = set()
+        results: list[TaskResult | None] = [None] * len(tasks)
+        pending = deque(range(len(tasks)))
+        remaining = len(tasks)
+        while remaining > 0:
+            now = time.monotonic()
+            for slot in self._slots:
+                if slot.ready and not slot.broken and pending and len(slot.queue) < self.depth:
+                    self._feed(slot, tasks, blobs, needs, pending, now)
+            remaining -= self._wait_and_collect(results, pending)
+        return results  # type: ignore[return-value]
+
+    def _feed(self, slot: _Slot, tasks, blobs, needs, pending: deque, now: float) -> None:
+        """Send tasks to ``slot`` up to ``depth``. A broken pipe marks the slot: the death is
+        handled after its pipe is drained (a result may have arrived before it died)."""
+        while pending and len(slot.queue) < self.depth:
+            index = pending.popleft()
+            key = needs[index] if needs is not None else None
+            try:
+                if key is not None and key not in slot.blobs:
+                    slot.conn.send(("shared", self._run_id, key, blobs[key]))
+                    slot.blobs.add(key)
+                slot.conn.send(("task", self._run_id, index, tasks[index]))
+            except (BrokenPipeError, ConnectionResetError, OSError):
+                pending.appendleft(index)
+                slot.broken = True
+                return
+            if not slot.queue:
+                slot.head_since = now
+            slot.queue.append(index)
+
+    def _on_death(self, i: int, results: list, pending: deque) -> int:
+        """Worker i is gone: its head task died with it; the rest are re-queued. Returns 1 or 0."""
+        slot = self._slots[i]
+        done = 0
+        if slot.queue:
+            results[slot.queue.popleft()] = TaskResult("died")
+            done = 1
+        self._replace(i, pending)
+        return done
+
+    def _wait_and_collect(self, results: list, pending: deque) -> int:
+        """Wait for messages, deaths or the nearest deadline; returns how many tasks completed."""
+        now = time.monotonic()
+        deadlines = []
+        for slot in self._slots:
+            if not slot.ready:
+                deadlines.append(slot.spawned_at + self.start_timeout_s)
+            elif slot.queue:
+                deadlines.append(slot.head_since + self.wall_timeout_s)
+        timeout = max(0.0, min(deadlines) - now) if deadlines else 0.0
+        waitables = [s.conn for s in self._slots] + [s.proc.sentinel for s in self._slots]
+        mpc.wait(waitables, timeout=timeout)
+        done = 0
+        now = time.monotonic()
+        for i, slot in enumerate(self._slots):
+            alive = True
+            try:
+                while slot.conn.poll():
+                    msg = slot.conn.recv()
+                    if msg[0] == "ready":
+                        slot.ready = True
+                    else:
+                        _, index, status, value = msg
+                        if slot.queue and slot.queue[0] == index:
+                            slot.queue.popleft()
+                            slot.head_since = now
+                            results[index] = TaskResult(status, value)
+                            done += 1
+            except (EOFError, OSError):
+                alive = False
+            if not alive or slot.broken or not slot.proc.is_alive():
+                if not slot.ready and slot.proc.exitcode not in (None, 0):
+                    raise RuntimeError(f"reward worker failed to start (exit code {slot.proc.exitcode})")
+                done += self._on_death(i, results, pending)
+            elif not slot.ready and now - slot.spawned_at > self.start_timeout_s:
+                raise RuntimeError(f"reward worker did not start within {self.start_timeout_s:.0f} s")
+            elif slot.queue and now - slot.head_since > self.wall_timeout_s:
+                results[slot.queue.popleft()] = TaskResult("timeout")
+                done += 1
+                self._replace(i, pending)
+        return done
+
+    # ---------------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop the workers (a polite None, then SIGKILL for any that do not exit within 1 s)."""
+        if self._closed:
+            return
+        self._closed = True
+        for slot in self._slots:
+            try:
+                slot.conn.send(None)
+            except (BrokenPipeError, OSError):
+                pass
+        deadline = time.monotonic() + 1.0
+        for slot in self._slots:
+            slot.proc.join(timeout=max(0.0, deadline - time.monotonic()))
+            self._kill(slot)
+
+    def __enter__(self) -> WorkerPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
