@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import logging
 import math
-import pickle
 import signal
 import threading
 from collections.abc import Iterator
@@ -32,7 +31,6 @@ from megatron_t1.reward.extract import last_boxed
 __all__ = [
     "AnswerTimeout",
     "answer_timeout",
-    "dump_parsed",
     "gold_text",
     "is_equivalent",
     "parse_math",
@@ -199,11 +197,6 @@ def is_equivalent(gold: list, pred: list) -> bool:
     if not gold or not pred:
         return False
     return bool(math_verify.verify(gold, pred, timeout_seconds=None))
-
-
-def dump_parsed(parsed: list) -> bytes:
-    """Pickle a parsed gold for the workers (sympy objects pickle; the parent never unpickles)."""
-    return pickle.dumps(parsed, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def warm_up() -> None:

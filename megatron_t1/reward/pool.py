@@ -10,11 +10,11 @@ worker has its own pipe, the parent knows which task each worker is on and since
   replaced; tasks queued behind it go back to the pending queue;
 * a task whose handler raises gets status ``"error"`` (the worker survives).
 
-Each worker runs ``handler(task, shared, context)`` one task at a time, where ``context`` is what
-``init(*init_args)`` returned at start-up and ``shared`` is a per-run dict of blobs the parent sends
-each worker at most once per run (the scorer ships each parsed reference answer this way, so it is
-parsed once per batch). Up to ``depth`` tasks are queued per worker, so a worker does not idle
-while the parent reads its last result.
+Each worker runs ``handler(task, cache, context)`` one task at a time, where ``context`` is what
+``init(*init_args)`` returned at start-up and ``cache`` is the worker's scratch dict for one
+``scope`` (the scorer keeps each parsed reference answer there for one batch; it is emptied when a
+run with another scope starts). Up to ``depth`` tasks are queued per worker, so a worker does not
+idle while the parent reads its last result.
 
 Processes use the ``spawn`` start method (no fork of a parent holding threads, CUDA or locks).
 Like every spawn user, a script that creates a pool must guard its entry point with
@@ -46,12 +46,12 @@ class TaskResult:
 
 
 def _worker_main(conn: mpc.Connection, handler: Callable, init: Callable | None, init_args: tuple) -> None:
-    """Loop of a worker process: ``("shared", run, key, blob)`` / ``("task", run, i, task)`` / None."""
+    """Loop of a worker process: reads ``(scope, index, task)`` messages until None or EOF."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle, not ours
     context = init(*init_args) if init is not None else None
     conn.send(("ready", os.getpid()))
-    shared: dict = {}
-    current_run = None
+    cache: dict = {}
+    current_scope = None
     while True:
         try:
             msg = conn.recv()
@@ -59,16 +59,12 @@ def _worker_main(conn: mpc.Connection, handler: Callable, init: Callable | None,
             return
         if msg is None:
             return
-        kind, run_id = msg[0], msg[1]
-        if run_id != current_run:  # blobs live for one run (one batch)
-            shared.clear()
-            current_run = run_id
-        if kind == "shared":
-            shared[msg[2]] = msg[3]
-            continue
-        index, task = msg[2], msg[3]
+        scope, index, task = msg
+        if scope != current_scope:
+            cache.clear()
+            current_scope = scope
         try:
-            out = ("ok", handler(task, shared, context))
+            out = ("ok", handler(task, cache, context))
         except Exception as e:  # a bug in one task must not take the worker down
             out = ("error", f"{type(e).__name__}: {e}")
         conn.send(("result", index, *out))
@@ -82,7 +78,6 @@ class _Slot:
     spawned_at: float = 0.0
     queue: deque = field(default_factory=deque)  # task indices sent, oldest first
     head_since: float = 0.0  # when queue[0] became the task the worker is on
-    blobs: set = field(default_factory=set)  # shared keys this worker holds for the current run
     broken: bool = False  # a send failed: the worker is gone, handled once its pipe is drained
 
 
@@ -90,7 +85,7 @@ class WorkerPool:
     """``num_workers`` spawn processes running ``handler``; see the module docstring.
 
     Args:
-        handler: module-level function ``(task, shared: dict, context) -> value`` (picklable by
+        handler: module-level function ``(task, cache: dict, context) -> value`` (picklable by
             reference). It must bound its own work where it can (the scorer arms SIGALRM); the
             wall guard is the backstop.
         num_workers: processes (>= 1).
@@ -121,8 +116,8 @@ class WorkerPool:
         self.depth = depth
         self.restarts = 0
         """Workers replaced so far (killed when stuck, or found dead)."""
-        self._run_id = 0
         self._closed = False
+        self._fresh = 0
         self._slots = [self._spawn() for _ in range(num_workers)]
 
     # ---------------------------------------------------------------------------------------------
@@ -163,22 +158,18 @@ class WorkerPool:
         return [s.proc.pid for s in self._slots]
 
     # ---------------------------------------------------------------------------------------------
-    def run(
-        self,
-        tasks: Sequence[Any],
-        blobs: dict[Hashable, bytes] | None = None,
-        needs: Sequence[Hashable | None] | None = None,
-    ) -> list[TaskResult]:
-        """Run ``tasks``; results in task order. ``needs[i]``: the key in ``blobs`` task i reads.
+    def run(self, tasks: Sequence[Any], scope: Hashable = None) -> list[TaskResult]:
+        """Run ``tasks``; results in task order. Workers keep their cache while ``scope`` stays
+        the same from one run to the next (None: a fresh cache every run).
 
         Blocks at most about ``len(tasks) / num_workers * wall_timeout_s`` (plus start-up of
         replaced workers); never forever.
         """
         if self._closed:
             raise RuntimeError("WorkerPool is closed")
-        self._run_id += 1
-        for slot in self._slots:
-            slot.blobs = set()
+        if scope is None:
+            self._fresh += 1
+            scope = ("fresh", self._fresh)
         results: list[TaskResult | None] = [None] * len(tasks)
         pending = deque(range(len(tasks)))
         remaining = len(tasks)
@@ -186,21 +177,17 @@ class WorkerPool:
             now = time.monotonic()
             for slot in self._slots:
                 if slot.ready and not slot.broken and pending and len(slot.queue) < self.depth:
-                    self._feed(slot, tasks, blobs, needs, pending, now)
+                    self._feed(slot, tasks, scope, pending, now)
             remaining -= self._wait_and_collect(results, pending)
         return results  # type: ignore[return-value]
 
-    def _feed(self, slot: _Slot, tasks, blobs, needs, pending: deque, now: float) -> None:
+    def _feed(self, slot: _Slot, tasks: Sequence, scope: Hashable, pending: deque, now: float) -> None:
         """Send tasks to ``slot`` up to ``depth``. A broken pipe marks the slot: the death is
         handled after its pipe is drained (a result may have arrived before it died)."""
         while pending and len(slot.queue) < self.depth:
             index = pending.popleft()
-            key = needs[index] if needs is not None else None
             try:
-                if key is not None and key not in slot.blobs:
-                    slot.conn.send(("shared", self._run_id, key, blobs[key]))
-                    slot.blobs.add(key)
-                slot.conn.send(("task", self._run_id, index, tasks[index]))
+                slot.conn.send((scope, index, tasks[index]))
             except (BrokenPipeError, ConnectionResetError, OSError):
                 pending.appendleft(index)
                 slot.broken = True

@@ -7,7 +7,10 @@ reference under math-verify, else ``wrong`` (0): wrong, missing, too complex, ti
 Scoring runs in a :class:`~megatron_t1.reward.pool.WorkerPool` of spawn processes: each answer
 is extracted, parsed and compared under a ``timeout_s`` SIGALRM budget in its worker, and the
 parent kills and replaces a worker stuck past ``wall_guard_s``. Each distinct reference is parsed
-once per batch (a first pool pass) and shipped, pickled, to each worker at most once.
+in a first pool pass (a reference that fails or times out fails once, not once per response) and
+at most once per worker per batch: workers keep parsed references for the batch. (They are not
+shipped pickled: unpickling rebuilds math-verify's unevaluated sympy trees in canonical order,
+which changes some comparisons, e.g. ``Monday`` against ``\text{Monday}``.)
 
     with RewardScorer(cfg) as scorer:          # workers start here, in the background
         batch = scorer.score(responses, golds, truncated=flags)
@@ -18,7 +21,6 @@ once per batch (a first pool pass) and shipped, pickled, to each worker at most 
 
 from __future__ import annotations
 
-import pickle
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -72,21 +74,30 @@ def _init_worker(cfg: RewardConfig) -> RewardConfig:
     return cfg
 
 
-def _handle(task: tuple, shared: dict, cfg: RewardConfig) -> tuple:
-    """One pool task. ``("gold", text)`` -> pickled parse or None (empty) or "timeout".
-    ``("score", response, truncated, mean_logprob, gold_key, letter)`` -> (reward, reason, extracted,
-    penalties)."""
+def _gold(text: str, cache: dict, cfg: RewardConfig) -> list:
+    """The parsed reference, from the worker's batch cache or parsed now (call under the timer)."""
+    from megatron_t1.reward.math_answer import parse_math
+
+    key = ("gold", text)
+    if key not in cache:
+        cache[key] = parse_math(text, max_number_bits=cfg.max_number_bits)[0]
+    return cache[key]
+
+
+def _handle(task: tuple, cache: dict, cfg: RewardConfig) -> tuple:
+    """One pool task. ``("gold", text)`` -> "ok" | "empty" | "timeout" (the parse stays cached).
+    ``("score", response, truncated, mean_logprob, gold_text, letter)`` -> (reward, reason,
+    extracted, penalties); ``gold_text`` None means the reference could not be parsed."""
     from megatron_t1.reward.math_answer import AnswerTimeout, answer_timeout, is_equivalent, parse_math
 
     if task[0] == "gold":
         try:
             with answer_timeout(cfg.timeout_s):
-                parsed, _ = parse_math(task[1], max_number_bits=cfg.max_number_bits)
+                return "ok" if _gold(task[1], cache, cfg) else "empty"
         except AnswerTimeout:
-            return ("timeout",)
-        return (pickle.dumps(parsed, protocol=pickle.HIGHEST_PROTOCOL) if parsed else None,)
+            return "timeout"
 
-    _, response, truncated, mean_logprob, gold_key, letter = task
+    _, response, truncated, mean_logprob, gold, letter = task
     fired = detect(response, truncated=truncated, mean_logprob=mean_logprob, cfg=cfg)
     extracted = extract_answer(response, choice=letter is not None, thinking_end=cfg.thinking_end,
                                answer_from_thinking=cfg.answer_from_thinking)
@@ -97,17 +108,14 @@ def _handle(task: tuple, shared: dict, cfg: RewardConfig) -> tuple:
     if letter is not None:
         ok = extracted == letter
         return (cfg.correct if ok else cfg.wrong, "correct" if ok else "wrong", extracted, ())
-    if gold_key is None:
+    if gold is None:
         return (cfg.wrong, "gold_unparsable", extracted, ())
     if len(extracted) > cfg.max_answer_chars:
         return (cfg.wrong, "too_complex", extracted, ())
     try:
         with answer_timeout(cfg.timeout_s):
-            gold = shared.get(("parsed", gold_key))
-            if gold is None:  # decode the shipped gold once per worker and batch
-                gold = shared[("parsed", gold_key)] = pickle.loads(shared[gold_key])
             pred, dropped = parse_math(extracted, max_number_bits=cfg.max_number_bits)
-            ok = is_equivalent(gold, pred)
+            ok = is_equivalent(_gold(gold, cache, cfg), pred)
     except AnswerTimeout:
         return (cfg.wrong, "timeout", extracted, ())
     reason = "correct" if ok else ("too_complex" if dropped else "wrong")
@@ -121,14 +129,17 @@ class _InProcess:
 
     def __init__(self, cfg: RewardConfig) -> None:
         self._context = _init_worker(cfg)
+        self._cache: dict = {}
+        self._scope: Any = None
 
-    def run(self, tasks: Sequence, blobs: dict | None = None, needs: Sequence | None = None
-            ) -> list[TaskResult]:
-        shared = dict(blobs or {})
+    def run(self, tasks: Sequence, scope: Any = None) -> list[TaskResult]:
+        if scope is None or scope != self._scope:
+            self._cache.clear()
+            self._scope = scope
         out = []
         for task in tasks:
             try:
-                out.append(TaskResult("ok", _handle(task, shared, self._context)))
+                out.append(TaskResult("ok", _handle(task, self._cache, self._context)))
             except Exception as e:
                 out.append(TaskResult("error", f"{type(e).__name__}: {e}"))
         return out
@@ -155,6 +166,7 @@ class RewardScorer:
 
     def __init__(self, config: RewardConfig | None = None) -> None:
         self.cfg = config if config is not None else RewardConfig()
+        self._batches = 0
         if self.cfg.num_workers == 0:
             self._runner: Any = _InProcess(self.cfg)
         else:
@@ -216,22 +228,22 @@ class RewardScorer:
             gold_strs.append(str(g))
         lps = list(mean_logprobs) if mean_logprobs is not None else [None] * n
 
-        # 1) each distinct math reference is parsed once (letters need no parsing)
+        # 1) each distinct math reference is parsed once (letters need no parsing); workers keep
+        #    the parses for this batch (scope)
         from megatron_t1.reward.math_answer import gold_text
 
+        self._batches += 1
         letters = [gold_choice(g) for g in gold_strs]
-        unique = sorted({gold_text(g) for g, c in zip(gold_strs, letters) if c is None})
-        key_of = {text: k for k, text in enumerate(unique)}
-        gold_results = self._runner.run([("gold", text) for text in unique])
-        blobs = {k: r.value[0] for k, r in enumerate(gold_results)
-                 if r.status == "ok" and isinstance(r.value[0], bytes)}
-        gold_timeouts = sum(r.status != "ok" or r.value[0] == "timeout" for r in gold_results)
+        texts = [None if c is not None else gold_text(g) for g, c in zip(gold_strs, letters)]
+        unique = sorted({t for t in texts if t is not None})
+        gold_results = self._runner.run([("gold", t) for t in unique], scope=self._batches)
+        usable = {t for t, r in zip(unique, gold_results) if r.status == "ok" and r.value == "ok"}
+        gold_timeouts = sum(r.status == "timeout" or r.value == "timeout" for r in gold_results)
 
         # 2) every response
-        keys = [None if c is not None else key_of[gold_text(g)] for g, c in zip(gold_strs, letters)]
-        keys = [k if k in blobs else None for k in keys]
-        tasks = [("score", responses[i], bool(truncated[i]), lps[i], keys[i], letters[i]) for i in range(n)]
-        results = self._runner.run(tasks, blobs, keys)
+        tasks = [("score", responses[i], bool(truncated[i]), lps[i], texts[i] if texts[i] in usable else None,
+                  letters[i]) for i in range(n)]
+        results = self._runner.run(tasks, scope=self._batches)
 
         rewards, reasons, extracted, penalties = [], [], [], []
         for i, res in enumerate(results):
