@@ -572,7 +572,7 @@ def _build(cls: type, data: Any, where: str) -> Any:
             kwargs[name] = _coerce(value, tp, key)
     try:
         return cls(**kwargs)
-    except ConfigError as e:
+    except ValueError as e:  # __post_init__ validation (ConfigError or a section's ValueError)
         raise ConfigError(f"{where.split(': ')[0]}: {e}") from None
 
 

@@ -53,6 +53,9 @@ def init_parallel(pcfg: ParallelConfig, *, seed: int, device: str = "auto") -> P
     """Initialise torch.distributed (if needed), the CPU patches (without CUDA), Megatron's TP/PP/DP
     groups and its model-parallel RNG. Single-process runs need no launcher: world size 1."""
     use_cuda = torch.cuda.is_available() and device != "cpu"
+    # Read by Megatron's TP layers (async grad all-reduce ordering on GPU); the one place we set a
+    # third-party environment variable. A user's own value wins.
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("run.device is cuda but torch sees no GPU")
     if not use_cuda:
