@@ -22,7 +22,11 @@ EPILOG = """examples:
 def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="YAML config (see examples/); unknown keys are errors")
     p.add_argument(
-        "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a config field, e.g. --set optim.lr=1e-5 (repeatable)",
     )
 
@@ -71,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     p = sub.add_parser(
-        "sft", help="stage 1: supervised fine-tuning on chat jsonl/parquet (prompt tokens masked)",
+        "sft",
+        help="stage 1: supervised fine-tuning on chat jsonl/parquet (prompt tokens masked)",
         description="Supervised fine-tuning with Megatron-Core. Writes runs/NAME/ (config.yaml, tb/, "
         "metrics.jsonl, checkpoints/). Rerunning the same command resumes from the last checkpoint.",
         epilog="example: python -m megatron_t1 sft --config examples/tiny_cpu/sft.yaml --set run.name=try1",
@@ -81,7 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_sft)
 
     p = sub.add_parser(
-        "demo", help="the whole pipeline on a tiny model on CPU (data, tokenizer, SFT, held-out accuracy)",
+        "demo",
+        help="the whole pipeline on a tiny model on CPU (data, tokenizer, SFT, held-out accuracy)",
         description="Builds the synthetic arithmetic task and a tokenizer, SFTs a tiny policy with "
         "Megatron-Core on CPU and reports held-out accuracy. Writes runs/demo/summary.json.",
     )
@@ -91,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser(
-        "score", help="score a jsonl of responses with T1's rule-based reward (no torch needed)",
+        "score",
+        help="score a jsonl of responses with T1's rule-based reward (no torch needed)",
         description="Adds reward, reason and extracted answer to every line of a jsonl of responses.",
         epilog="example: python -m megatron_t1 score --input responses.jsonl --output scored.jsonl",
         formatter_class=argparse.RawDescriptionHelpFormatter,

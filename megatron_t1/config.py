@@ -18,7 +18,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Union
 
 import yaml
 
@@ -60,7 +60,7 @@ class ConfigError(ValueError):
 class ModelConfig:
     """Architecture of the GPT-style policy (Qwen2 / Llama / GLM-4 layouts)."""
 
-    hf_config: Optional[str] = None
+    hf_config: str | None = None
     """Path to an HF ``config.json`` (or a folder holding one). When set, the architecture fields
     below are read from it (see :func:`model_config_from_hf`); keys also given in YAML must agree."""
     arch: Literal["qwen2", "llama", "glm"] = "qwen2"
@@ -73,9 +73,9 @@ class ModelConfig:
     """Inner width of the (gated) MLP."""
     num_attention_heads: int = 4
     """Query heads."""
-    num_query_groups: Optional[int] = None
+    num_query_groups: int | None = None
     """Key/value heads for grouped-query attention; None means as many as query heads."""
-    kv_channels: Optional[int] = None
+    kv_channels: int | None = None
     """Head dimension; None means hidden_size / num_attention_heads."""
     vocab_size: int = 512
     """Real vocabulary size (the tokenizer's). Megatron pads it for TP; padded rows are masked."""
@@ -105,7 +105,7 @@ class ModelConfig:
     """Compute precision. bf16 keeps fp32 master weights in the optimizer (GPU; CPU runs stay fp32)."""
     recompute: Literal["none", "full", "selective"] = "none"
     """Activation recomputation: none, full (every layer), or selective (attention core only)."""
-    tokenizer: Optional[str] = None
+    tokenizer: str | None = None
     """Path of an HF tokenizer folder (chat template, EOS, pad)."""
 
     def __post_init__(self) -> None:
@@ -143,7 +143,7 @@ class ParallelConfig:
     """TP degree. Must divide attention heads and query groups (GQA limits TP: GLM-4-9B allows <= 2)."""
     pipeline_model_parallel_size: int = 1
     """PP degree. Must divide the number of layers (times virtual stages)."""
-    virtual_pipeline_model_parallel_size: Optional[int] = None
+    virtual_pipeline_model_parallel_size: int | None = None
     """Interleaved pipeline: model chunks per PP rank (None = not interleaved)."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism (TP > 1, GPU with TransformerEngine only)."""
@@ -191,9 +191,9 @@ class ParallelConfig:
 class DataConfig:
     """Training data (SFT conversations or RL prompts) and batching."""
 
-    train_path: Optional[str] = None
+    train_path: str | None = None
     """jsonl or parquet file. SFT: rows with a ``messages`` list; RL: rows with a prompt and answer."""
-    valid_path: Optional[str] = None
+    valid_path: str | None = None
     """Optional held-out file in the same layout (SFT: validation loss)."""
     messages_field: str = "messages"
     """Column holding the chat list (the released T1 SFT set's layout)."""
@@ -246,7 +246,7 @@ class OptimConfig:
 class CheckpointConfig:
     """Distributed checkpoints: where a run starts from, how often it saves, what it keeps."""
 
-    init_from: Optional[str] = None
+    init_from: str | None = None
     """Weights-only start (an SFT or converted checkpoint folder). Ignored when the run folder has a
     ``latest`` checkpoint: a started run always resumes from its own state."""
     save_interval: int = 0
@@ -289,7 +289,7 @@ class RunConfig:
     """Optimizer steps (SFT: over the packed data, cycling epochs; RL: rollout batches)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto = cuda when available."""
-    exit_interval: Optional[int] = None
+    exit_interval: int | None = None
     """Stop (after saving a checkpoint) every N steps; rerunning the same command resumes. For
     preemptible queues and time-limited jobs, like Megatron-LM's --exit-interval."""
 
@@ -316,7 +316,7 @@ class RolloutConfig:
     """Prompts per RL step (T1: 32)."""
     n_samples: int = 64
     """K: responses sampled per prompt (T1: 64)."""
-    keep: Optional[int] = None
+    keep: int | None = None
     """k <= K responses kept per prompt after selection (None: keep all)."""
     selection: Literal["all", "random", "balanced", "drop_flat"] = "all"
     """How k of K are kept; drop_flat drops groups whose rewards are all equal."""
@@ -352,7 +352,7 @@ class RolloutConfig:
 class EvalConfig:
     """Held-out evaluation and the inference-scaling sweep."""
 
-    heldout_path: Optional[str] = None
+    heldout_path: str | None = None
     """jsonl of held-out problems (question + answer)."""
     heldout_size: int = 500
     """Problems evaluated (the first N)."""
@@ -383,7 +383,7 @@ class Config:
     anchor: AnchorConfig = field(default_factory=AnchorConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
-    def validate(self, world_size: Optional[int] = None) -> None:
+    def validate(self, world_size: int | None = None) -> None:
         """Cross-section checks that Megatron would otherwise fail on late (or hang on)."""
         m, p = self.model, self.parallel
         tp, pp = p.tp, p.pp

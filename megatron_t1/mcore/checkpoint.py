@@ -45,9 +45,7 @@ MODEL_PREFIX = "model."
 def _model_sharded_sd(chunks: Sequence[torch.nn.Module]) -> dict:
     if len(chunks) == 1:
         return {"model": unwrap(chunks[0]).sharded_state_dict(prefix=MODEL_PREFIX)}
-    return {
-        f"model{i}": unwrap(c).sharded_state_dict(prefix=MODEL_PREFIX) for i, c in enumerate(chunks)
-    }
+    return {f"model{i}": unwrap(c).sharded_state_dict(prefix=MODEL_PREFIX) for i, c in enumerate(chunks)}
 
 
 def write_metadata(ckpt_dir: str | os.PathLike, cfg: Config, *, step: int, extra: dict | None = None) -> None:

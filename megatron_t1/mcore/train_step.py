@@ -97,7 +97,9 @@ def reduce_metrics(per_microbatch: list[dict], device: torch.device) -> dict[str
     if world_pp > 1:
         holder = [names]
         dist.broadcast_object_list(
-            holder, src=ps.get_pipeline_model_parallel_last_rank(), group=ps.get_pipeline_model_parallel_group()
+            holder,
+            src=ps.get_pipeline_model_parallel_last_rank(),
+            group=ps.get_pipeline_model_parallel_group(),
         )
         names = holder[0]
     if not names:

@@ -36,7 +36,9 @@ def load_tokenizer(cfg: Config):
         raise ConfigError(f"model.tokenizer: no tokenizer folder at {cfg.model.tokenizer}")
     tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer)
     if len(tok) > cfg.model.vocab_size:
-        raise ConfigError(f"model.vocab_size={cfg.model.vocab_size} < tokenizer size {len(tok)} ({cfg.model.tokenizer})")
+        raise ConfigError(
+            f"model.vocab_size={cfg.model.vocab_size} < tokenizer size {len(tok)} ({cfg.model.tokenizer})"
+        )
     return tok
 
 
@@ -73,7 +75,9 @@ def run_sft(cfg: Config) -> dict:
     tok = load_tokenizer(cfg)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     seq = cfg.data.seq_length
-    examples = SFTDataset(cfg.data.train_path, tok, max_len=seq, messages_field=cfg.data.messages_field).load()
+    examples = SFTDataset(
+        cfg.data.train_path, tok, max_len=seq, messages_field=cfg.data.messages_field
+    ).load()
     rows = pack_sequences(examples, seq, pad_id)
     valid_rows = []
     if cfg.data.valid_path:
@@ -93,8 +97,13 @@ def run_sft(cfg: Config) -> dict:
         load_checkpoint(_resolve_ckpt(cfg.checkpoint.init_from), cfg, chunks, weights_only=True)
 
     logger = RunLogger(
-        run_dir, enabled=ctx.is_logging_rank, total_steps=cfg.run.train_steps, start_step=start,
-        tensorboard=cfg.log.tensorboard, progress_bar=cfg.log.progress_bar, desc="sft",
+        run_dir,
+        enabled=ctx.is_logging_rank,
+        total_steps=cfg.run.train_steps,
+        start_step=start,
+        tensorboard=cfg.log.tensorboard,
+        progress_bar=cfg.log.progress_bar,
+        desc="sft",
     )
     n_params = sum(p.numel() for c in chunks for p in c.parameters())
     logger.info(
@@ -107,8 +116,13 @@ def run_sft(cfg: Config) -> dict:
         batch = global_batch_rows(rows, step, cfg.data.global_batch_size, cfg.data.seed)
         mbs = rank_microbatches(batch, ctx, cfg.data.micro_batch_size, pad_id)
         res = train_step(
-            chunks, optimizer, scheduler, sft_forward_step, mbs,
-            seq_length=seq, micro_batch_size=cfg.data.micro_batch_size,
+            chunks,
+            optimizer,
+            scheduler,
+            sft_forward_step,
+            mbs,
+            seq_length=seq,
+            micro_batch_size=cfg.data.micro_batch_size,
         )
         done = step + 1
         if res.skipped:
@@ -131,7 +145,10 @@ def run_sft(cfg: Config) -> dict:
         "wall_seconds": time.perf_counter() - t_start,
     }
     if valid_rows:
-        mbs = [to_device(b, ctx.device) for b in micro_batches(valid_rows, cfg.data.micro_batch_size, ignore_index=pad_id)]
+        mbs = [
+            to_device(b, ctx.device)
+            for b in micro_batches(valid_rows, cfg.data.micro_batch_size, ignore_index=pad_id)
+        ]
         mbs = mbs[ctx.dp_rank :: ctx.dp] or mbs[:1]
         summary["valid_loss"] = forward_only(
             chunks, sft_forward_step, mbs, seq_length=seq, micro_batch_size=cfg.data.micro_batch_size

@@ -28,7 +28,10 @@ def _entry(rank: int, world: int, port: int, out_dir: str, fn, args) -> None:
 
     torch.set_num_threads(1)
     os.environ.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
         LOCAL_RANK=str(rank),
     )
     try:

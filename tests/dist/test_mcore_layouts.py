@@ -25,8 +25,13 @@ def _cfg(tp: int, pp: int, tmp: str):
     return config_from_dict(
         {
             "model": {
-                "num_layers": 2, "hidden_size": 64, "ffn_hidden_size": 128, "num_attention_heads": 4,
-                "num_query_groups": 2, "vocab_size": VOCAB, "max_position_embeddings": 64,
+                "num_layers": 2,
+                "hidden_size": 64,
+                "ffn_hidden_size": 128,
+                "num_attention_heads": 4,
+                "num_query_groups": 2,
+                "vocab_size": VOCAB,
+                "max_position_embeddings": 64,
                 "tie_word_embeddings": True,
             },
             "parallel": {"tensor_model_parallel_size": tp, "pipeline_model_parallel_size": pp},
@@ -46,11 +51,14 @@ def _rows():
     rows = []
     for i, n in enumerate(MASK_LENS):
         mask = torch.zeros(1, SEQ)
-        mask[0, SEQ - n:] = 1.0
+        mask[0, SEQ - n :] = 1.0
         rows.append(
             {
-                "tokens": toks[i: i + 1, :-1], "labels": toks[i: i + 1, 1:], "loss_mask": mask,
-                "position_ids": torch.arange(SEQ).unsqueeze(0), "attention_mask": None,
+                "tokens": toks[i : i + 1, :-1],
+                "labels": toks[i : i + 1, 1:],
+                "loss_mask": mask,
+                "position_ids": torch.arange(SEQ).unsqueeze(0),
+                "attention_mask": None,
             }
         )
     return rows
@@ -119,7 +127,6 @@ def _reference_loss_and_grad(chunks, rows):
 
 
 def _steps(cfg, chunks, ctx, rows, n):
-    import torch
 
     from megatron_t1.mcore.forward import sft_forward_step
     from megatron_t1.mcore.model import unwrap
@@ -127,7 +134,7 @@ def _steps(cfg, chunks, ctx, rows, n):
 
     opt, sched = build_optimizer(cfg, chunks)
     per_rank = len(rows) // ctx.dp
-    mine = rows[ctx.dp_rank * per_rank: (ctx.dp_rank + 1) * per_rank]
+    mine = rows[ctx.dp_rank * per_rank : (ctx.dp_rank + 1) * per_rank]
     out = []
     for _ in range(n):
         res = train_step(chunks, opt, sched, sft_forward_step, mine, seq_length=SEQ, micro_batch_size=1)

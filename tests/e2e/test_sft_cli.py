@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -33,8 +34,8 @@ def data(tmp_path_factory):
 def _config(data: Path, out: Path, **extra) -> Path:
     text = f"""
 model: {{num_layers: 2, hidden_size: 64, ffn_hidden_size: 128, num_attention_heads: 4, num_query_groups: 2,
-        vocab_size: 512, max_position_embeddings: 256, tokenizer: {data / 'tok'}}}
-data: {{train_path: {data / 'train.jsonl'}, seq_length: 128, micro_batch_size: 2, global_batch_size: 4}}
+        vocab_size: 512, max_position_embeddings: 256, tokenizer: {data / "tok"}}}
+data: {{train_path: {data / "train.jsonl"}, seq_length: 128, micro_batch_size: 2, global_batch_size: 4}}
 optim: {{lr: 2.0e-3, lr_warmup_steps: 1}}
 run: {{name: r, output_dir: {out}, train_steps: 6, device: cpu}}
 checkpoint: {{save_interval: 3}}
@@ -47,8 +48,25 @@ log: {{progress_bar: false}}
 
 
 def _run(args, env_extra=None, timeout=240):
+    """Run a command in its own process group; on timeout the whole group (torchrun's workers
+    included) is killed, so a hung collective cannot outlive the test."""
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
-    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=env)
+    proc = subprocess.Popen(
+        args,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        start_new_session=True,
+    )
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"timed out after {timeout}s: {' '.join(args)}\n{err[-3000:]}") from None
+    return subprocess.CompletedProcess(args, proc.returncode, out, err)
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
@@ -85,14 +103,42 @@ def test_resume_continues_the_same_loss_curve(data, tmp_path):
 
 def test_torchrun_tp2_matches_tp1(data, tmp_path):
     base = _config(data, tmp_path / "tp1")
-    r = _run([sys.executable, "-m", "megatron_t1", "sft", "--config", str(base), "--set", "run.train_steps=2",
-              "--set", "checkpoint.save_interval=0"])
+    r = _run(
+        [
+            sys.executable,
+            "-m",
+            "megatron_t1",
+            "sft",
+            "--config",
+            str(base),
+            "--set",
+            "run.train_steps=2",
+            "--set",
+            "checkpoint.save_interval=0",
+        ]
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     tp2 = _config(data, tmp_path / "tp2")
     r = _run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "megatron_t1", "sft", "--config", str(tp2), "--set", "run.train_steps=2",
-         "--set", "checkpoint.save_interval=0", "--set", "parallel.tensor_model_parallel_size=2"],
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "megatron_t1",
+            "sft",
+            "--config",
+            str(tp2),
+            "--set",
+            "run.train_steps=2",
+            "--set",
+            "checkpoint.save_interval=0",
+            "--set",
+            "parallel.tensor_model_parallel_size=2",
+        ],
         timeout=300,
     )
     assert r.returncode == 0, r.stderr[-3000:]
@@ -106,7 +152,9 @@ def test_corrupt_dataset_line_names_file_and_line(data, tmp_path):
     good = (data / "train.jsonl").read_text().splitlines()
     bad.write_text("\n".join(good[:4] + ['{"messages": [oops'] + good[4:8]) + "\n")
     cfg = _config(data, tmp_path / "bad")
-    r = _run([sys.executable, "-m", "megatron_t1", "sft", "--config", str(cfg), "--set", f"data.train_path={bad}"])
+    r = _run(
+        [sys.executable, "-m", "megatron_t1", "sft", "--config", str(cfg), "--set", f"data.train_path={bad}"]
+    )
     assert r.returncode != 0
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith("error:") and f"{bad}:5" in last, last
@@ -115,12 +163,32 @@ def test_corrupt_dataset_line_names_file_and_line(data, tmp_path):
 
 def test_missing_or_partial_checkpoint(data, tmp_path):
     cfg = _config(data, tmp_path / "m")
-    r = _run([sys.executable, "-m", "megatron_t1", "sft", "--config", str(cfg),
-              "--set", f"checkpoint.init_from={tmp_path / 'nowhere'}"])
+    r = _run(
+        [
+            sys.executable,
+            "-m",
+            "megatron_t1",
+            "sft",
+            "--config",
+            str(cfg),
+            "--set",
+            f"checkpoint.init_from={tmp_path / 'nowhere'}",
+        ]
+    )
     assert r.returncode == 2 and "nowhere" in r.stderr.strip().splitlines()[-1]
     partial = tmp_path / "partial"
     partial.mkdir()
     (partial / "common.pt").write_bytes(b"")
-    r = _run([sys.executable, "-m", "megatron_t1", "sft", "--config", str(cfg),
-              "--set", f"checkpoint.init_from={partial}"])
+    r = _run(
+        [
+            sys.executable,
+            "-m",
+            "megatron_t1",
+            "sft",
+            "--config",
+            str(cfg),
+            "--set",
+            f"checkpoint.init_from={partial}",
+        ]
+    )
     assert r.returncode == 2 and "not a complete" in r.stderr.strip().splitlines()[-1]

@@ -78,18 +78,29 @@ def test_overrides(tmp_path):
 @pytest.mark.parametrize(
     "tree, match",
     [
-        ({"model": {"num_attention_heads": 4}, "parallel": {"tensor_model_parallel_size": 8}}, "num_attention_heads"),
+        (
+            {"model": {"num_attention_heads": 4}, "parallel": {"tensor_model_parallel_size": 8}},
+            "num_attention_heads",
+        ),
         # GLM-4-9B: 32 heads, 2 KV groups -> TP <= 2.
         (
-            {"model": {"num_attention_heads": 32, "num_query_groups": 2, "hidden_size": 4096,
-                       "ffn_hidden_size": 13696},
-             "parallel": {"tensor_model_parallel_size": 4}},
+            {
+                "model": {
+                    "num_attention_heads": 32,
+                    "num_query_groups": 2,
+                    "hidden_size": 4096,
+                    "ffn_hidden_size": 13696,
+                },
+                "parallel": {"tensor_model_parallel_size": 4},
+            },
             "num_query_groups",
         ),
         ({"model": {"num_layers": 3}, "parallel": {"pipeline_model_parallel_size": 2}}, "num_layers"),
         (
-            {"model": {"num_layers": 4}, "parallel": {"pipeline_model_parallel_size": 2,
-                                                      "virtual_pipeline_model_parallel_size": 4}},
+            {
+                "model": {"num_layers": 4},
+                "parallel": {"pipeline_model_parallel_size": 2, "virtual_pipeline_model_parallel_size": 4},
+            },
             "pipeline stages",
         ),
         ({"parallel": {"sequence_parallel": True}}, "sequence_parallel"),
@@ -104,14 +115,21 @@ def test_impossible_layouts_fail_early(tree, match):
 
 
 def test_world_size_checks():
-    cfg = config_from_dict({"parallel": {"tensor_model_parallel_size": 2}, "data": {"global_batch_size": 6,
-                                                                                    "micro_batch_size": 2}})
+    cfg = config_from_dict(
+        {
+            "parallel": {"tensor_model_parallel_size": 2},
+            "data": {"global_batch_size": 6, "micro_batch_size": 2},
+        }
+    )
     with pytest.raises(ConfigError, match="world size 3"):
         cfg.validate(world_size=3)
     with pytest.raises(ConfigError, match="global_batch_size"):
         cfg.validate(world_size=4)  # DP=2, micro 2 -> 6 % 4 != 0
     cfg.validate(world_size=2)
-    assert ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2).data_parallel_size(8) == 2
+    assert (
+        ParallelConfig(tensor_model_parallel_size=2, pipeline_model_parallel_size=2).data_parallel_size(8)
+        == 2
+    )
 
 
 def test_padded_vocab():
@@ -123,10 +141,18 @@ def test_padded_vocab():
 
 def _hf(tmp_path, **kw):
     base = {
-        "architectures": ["Qwen2ForCausalLM"], "hidden_size": 5120, "intermediate_size": 27648,
-        "num_attention_heads": 40, "num_key_value_heads": 8, "num_hidden_layers": 64,
-        "vocab_size": 152064, "rope_theta": 1000000.0, "rms_norm_eps": 1e-5,
-        "max_position_embeddings": 32768, "tie_word_embeddings": False, "hidden_act": "silu",
+        "architectures": ["Qwen2ForCausalLM"],
+        "hidden_size": 5120,
+        "intermediate_size": 27648,
+        "num_attention_heads": 40,
+        "num_key_value_heads": 8,
+        "num_hidden_layers": 64,
+        "vocab_size": 152064,
+        "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-5,
+        "max_position_embeddings": 32768,
+        "tie_word_embeddings": False,
+        "hidden_act": "silu",
     }
     base.update(kw)
     d = tmp_path / "hf"
@@ -143,8 +169,16 @@ def test_model_from_hf_qwen2_32b(tmp_path):
 
 
 def test_model_from_hf_glm_partial_rotary(tmp_path):
-    d = _hf(tmp_path, architectures=["GlmForCausalLM"], num_key_value_heads=2, partial_rotary_factor=0.5,
-            attention_bias=True, head_dim=128, hidden_size=4096, num_attention_heads=32)
+    d = _hf(
+        tmp_path,
+        architectures=["GlmForCausalLM"],
+        num_key_value_heads=2,
+        partial_rotary_factor=0.5,
+        attention_bias=True,
+        head_dim=128,
+        hidden_size=4096,
+        num_attention_heads=32,
+    )
     m = model_config_from_hf(d)
     assert m["arch"] == "glm" and m["rotary_percent"] == 0.5 and m["num_query_groups"] == 2
 
@@ -173,7 +207,10 @@ def test_resolved_config_round_trip(tmp_path):
 def test_cli_reports_config_error_on_one_line(tmp_path):
     p = _write(tmp_path, "model:\n  num_layerz: 2\n")
     r = subprocess.run(
-        [sys.executable, "-m", "megatron_t1", "sft", "--config", str(p)], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "megatron_t1", "sft", "--config", str(p)],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert r.returncode == 2
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
@@ -181,7 +218,9 @@ def test_cli_reports_config_error_on_one_line(tmp_path):
 
 
 def test_help_lists_commands():
-    r = subprocess.run([sys.executable, "-m", "megatron_t1", "--help"], capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "megatron_t1", "--help"], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 0
     for cmd in ("sft", "demo", "score"):
         assert cmd in r.stdout
