@@ -237,8 +237,10 @@ class WorkerPool:
             except (EOFError, OSError):
                 alive = False
             if not alive or slot.broken or not slot.proc.is_alive():
-                if not slot.ready and slot.proc.exitcode not in (None, 0):
-                    raise RuntimeError(f"reward worker failed to start (exit code {slot.proc.exitcode})")
+                if not slot.ready:  # dying during start-up is a set-up error: respawning would loop
+                    slot.proc.join(timeout=5)
+                    raise RuntimeError(f"reward worker failed to start (exit code {slot.proc.exitcode}); "
+                                       "see its traceback above")
                 done += self._on_death(i, results, pending)
             elif not slot.ready and now - slot.spawned_at > self.start_timeout_s:
                 raise RuntimeError(f"reward worker did not start within {self.start_timeout_s:.0f} s")
