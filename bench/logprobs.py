@@ -189,9 +189,22 @@ def main() -> None:
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     for r in range(args.rounds):
         for v in variants:
-            cmd = [sys.executable, __file__, "--worker", v, "--tokens", str(args.tokens), "--vocab",
-                   str(args.vocab), "--hidden", str(args.hidden), "--reps", str(args.reps),
-                   "--threads", str(args.threads)]  # fmt: skip
+            cmd = [
+                sys.executable,
+                __file__,
+                "--worker",
+                v,
+                "--tokens",
+                str(args.tokens),
+                "--vocab",
+                str(args.vocab),
+                "--hidden",
+                str(args.hidden),
+                "--reps",
+                str(args.reps),
+                "--threads",
+                str(args.threads),
+            ]
             if args.chunk_size:
                 cmd += ["--chunk-size", str(args.chunk_size)]
             if r == 0:
@@ -201,8 +214,10 @@ def main() -> None:
             if proc.returncode or not lines:
                 sys.exit(f"worker {v} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
             runs[v].append(json.loads(lines[-1][len("RESULT ") :]))
-            print(f"round {r} {v}: {runs[v][-1]['time_s']:.3f} s, {runs[v][-1]['extra_peak_mib']:.1f} MiB",
-                  file=sys.stderr)  # fmt: skip
+            print(
+                f"round {r} {v}: {runs[v][-1]['time_s']:.3f} s, {runs[v][-1]['extra_peak_mib']:.1f} MiB",
+                file=sys.stderr,
+            )
 
     size_l = args.tokens * args.vocab * 4 / 2**20
     summary = {}
@@ -214,10 +229,14 @@ def main() -> None:
             "errors": rs[0].get("errors", {}),
         }
     base = {"chunked": "naive", "chunked_nograd": "naive", "fused": "naive_linear", "naive_linear": "naive"}
-    print(f"\nlogits [{args.tokens}, {args.vocab}] fp32, L = {size_l:.0f} MiB; hidden {args.hidden}; "
-          f"{args.threads} threads; torch {torch.__version__}; median of {args.rounds} rounds\n")  # fmt: skip
-    print("| variant | time s | time / baseline | extra peak MiB | extra / L | beyond input grads / L "
-          "| err logp | err H | err grad |")  # fmt: skip
+    print(
+        f"\nlogits [{args.tokens}, {args.vocab}] fp32, L = {size_l:.0f} MiB; hidden {args.hidden}; "
+        f"{args.threads} threads; torch {torch.__version__}; median of {args.rounds} rounds\n"
+    )
+    print(
+        "| variant | time s | time / baseline | extra peak MiB | extra / L | beyond input grads / L "
+        "| err logp | err H | err grad |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for v, s in summary.items():
         b = base.get(v)
@@ -225,9 +244,11 @@ def main() -> None:
         beyond = (s["extra_peak_mib"] - s["input_grads_mib"]) / size_l
         e = s["errors"]
         g = max((e.get(k, 0.0) for k in ("grad", "grad_hidden", "grad_weight")), default=0.0)
-        print(f"| {v} | {s['time_s']:.3f} | {ratio} | {s['extra_peak_mib']:.1f} | "
-              f"{s['extra_peak_mib'] / size_l:.3f} | {beyond:.3f} | {e.get('lp', float('nan')):.2e} | "
-              f"{e.get('H', float('nan')):.2e} | {g:.2e} |")  # fmt: skip
+        print(
+            f"| {v} | {s['time_s']:.3f} | {ratio} | {s['extra_peak_mib']:.1f} | "
+            f"{s['extra_peak_mib'] / size_l:.3f} | {beyond:.3f} | {e.get('lp', float('nan')):.2e} | "
+            f"{e.get('H', float('nan')):.2e} | {g:.2e} |"
+        )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         raw = {"args": vars(args) | {"json": str(args.json)}, "runs": runs}

@@ -216,7 +216,10 @@ class _TokenLogprobEntropy(torch.autograd.Function):
         inv_tau = 1.0 / temperature
         cols, owned = target_columns(targets, shard)
         real = logits[:, : shard.valid]  # a view: padded columns are never read
-        z_target = torch.where(owned, real.gather(1, cols.unsqueeze(-1)).squeeze(-1).to(cd) * inv_tau, 0.0)
+        z_target = torch.zeros(n, dtype=cd, device=logits.device)
+        if shard.valid > 0:  # a rank may hold only padding
+            picked = real.gather(1, cols.unsqueeze(-1)).squeeze(-1).to(cd) * inv_tau
+            z_target = torch.where(owned, picked, z_target)
         m = torch.full((n,), float("-inf"), dtype=cd, device=logits.device)
         s = torch.zeros(n, dtype=cd, device=logits.device)
         w = torch.zeros(n, dtype=cd, device=logits.device)

@@ -55,6 +55,7 @@ def token_weights(
     global_num_tokens: int | Tensor,
     global_num_seqs: int | Tensor | None = None,
     seq_ids: Tensor | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Tensor:
     """Weight w_t of every token so that the aggregated loss is sum_t w_t l_t (see the module docstring).
 
@@ -67,9 +68,9 @@ def token_weights(
             (any value on masked tokens); None: rows of a 2-D ``loss_mask`` are the responses.
 
     Returns:
-        float32 weights shaped like ``loss_mask``, 0 on masked tokens.
+        weights shaped like ``loss_mask``, of dtype ``dtype``, 0 on masked tokens.
     """
-    mask = loss_mask.to(torch.float32)
+    mask = loss_mask.to(dtype)
     if aggregation == "token-mean":
         return mask / global_num_tokens
     if aggregation != "seq-mean-token-mean":
@@ -83,7 +84,9 @@ def token_weights(
         return mask / (seq_len.clamp(min=1) * global_num_seqs)
     ids = torch.where(mask > 0, seq_ids, 0).reshape(-1).long()
     # One slot per token bounds the number of responses without reading ids.max() (a device sync).
-    counts = torch.zeros(max(1, ids.numel()), device=mask.device).index_add_(0, ids, mask.reshape(-1))
+    counts = torch.zeros(max(1, ids.numel()), dtype=dtype, device=mask.device).index_add_(
+        0, ids, mask.reshape(-1)
+    )
     return mask / (counts[ids].view(mask.shape).clamp(min=1) * global_num_seqs)
 
 
@@ -163,35 +166,38 @@ def t1_loss(
     if cfg.kl_in == "loss" and anchor_logprobs is None:
         raise ValueError("kl_in='loss' needs anchor_logprobs")
 
-    logprobs = logprobs.float()
-    mask = loss_mask.to(torch.float32)
-    adv = advantages.detach().float()
+    # float32, or float64 for float64 inputs (reference tests).
+    cd = torch.promote_types(logprobs.dtype, torch.float32)
+    logprobs = logprobs.to(cd)
+    mask = loss_mask.to(cd)
+    adv = advantages.detach().to(cd)
     w = token_weights(
         loss_mask,
         aggregation=cfg.aggregation,
         global_num_tokens=global_num_tokens,
         global_num_seqs=global_num_seqs,
         seq_ids=seq_ids,
+        dtype=cd,
     )
     metrics: dict[str, Tensor] = {}
 
     if old_logprobs is None:
         pg = -adv * logprobs
     else:
-        ratio = torch.exp(logprobs - old_logprobs.detach().float())
+        ratio = torch.exp(logprobs - old_logprobs.detach().to(cd))
         high = cfg.clip_eps if cfg.clip_eps_high is None else cfg.clip_eps_high
         unclipped, clipped = -adv * ratio, -adv * ratio.clamp(1.0 - cfg.clip_eps, 1.0 + high)
         pg = torch.maximum(unclipped, clipped)
         with torch.no_grad():
-            metrics["clip_frac"] = ((clipped > unclipped).float() * mask).sum() / global_num_tokens
+            metrics["clip_frac"] = ((clipped > unclipped).to(cd) * mask).sum() / global_num_tokens
             metrics["ratio"] = (ratio * mask).sum() / global_num_tokens
 
     pg_loss = (pg * w).sum()
-    ent_loss = -cfg.entropy_coef * (entropy.float() * w).sum()
+    ent_loss = -cfg.entropy_coef * (entropy.to(cd) * w).sum()
     loss = pg_loss + ent_loss
-    kl_loss = torch.zeros((), device=logprobs.device)
+    kl_loss = torch.zeros((), dtype=cd, device=logprobs.device)
     if cfg.kl_in == "loss":
-        k = kl_estimate(logprobs, anchor_logprobs.detach().float(), cfg.kl_estimator)
+        k = kl_estimate(logprobs, anchor_logprobs.detach().to(cd), cfg.kl_estimator)
         kl_loss = cfg.kl_coef * (k * w).sum()
         loss = loss + kl_loss
 
@@ -202,20 +208,20 @@ def t1_loss(
             "loss/pg": pg_loss.detach(),
             "loss/entropy": ent_loss.detach(),
             "loss/kl": kl_loss.detach(),
-            "entropy": (entropy.detach().float() * tok).sum(),
+            "entropy": (entropy.detach().to(cd) * tok).sum(),
             "logprob": (lp * tok).sum(),
             "adv_mean": (adv * tok).sum(),
             "adv_sq_mean": (adv.square() * tok).sum(),
             "num_tokens_frac": tok.sum(),
         }
         if anchor_logprobs is not None:
-            ref = anchor_logprobs.detach().float()
+            ref = anchor_logprobs.detach().to(cd)
             metrics["kl_k1"] = (kl_k1(lp, ref) * tok).sum()
             metrics["kl_k3"] = (kl_k3(lp, ref) * tok).sum()
         if rollout_logprobs is not None:
             # Samples come from the rollout engine: k3 with r = pi_trainer / pi_rollout estimates
             # KL(pi_rollout || pi_trainer).
-            ro = rollout_logprobs.detach().float()
+            ro = rollout_logprobs.detach().to(cd)
             metrics["mismatch_abs"] = ((lp - ro).abs() * tok).sum()
             metrics["mismatch_kl_k3"] = (kl_k3(ro, lp) * tok).sum()
     return LossOutput(loss, metrics)
