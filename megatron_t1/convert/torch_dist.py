@@ -1,0 +1,624 @@
+"""Megatron-Core ``torch_dist`` checkpoints written and read tensor by tensor (no megatron import).
+
+A torch_dist checkpoint is a ``torch.distributed.checkpoint`` (DCP) folder plus two small Megatron
+files::
+
+    .metadata          pickled DCP ``Metadata``: for every key its global shape, dtype and chunks
+                       (offsets + sizes), and where each chunk's bytes are (file, offset, length)
+    __0_K.distcp       data files: each chunk is a ``torch.save`` record at its offset
+    common.pt          Megatron's non-sharded state (``{}`` for weights only)
+    metadata.json      {"sharded_backend": "torch_dist", ...}
+    megatron_t1.json   ours: format, ModelConfig fields, tp, pp, step, HF architecture and config
+
+``megatron.core.dist_checkpointing.save`` needs the whole sharded state dict at once (a 32B model is
+64 GB in bf16). :class:`TorchDistWriter` instead appends one chunk at a time to the data files and
+writes ``.metadata`` at the end, the same bytes ``FileSystemWriter`` would produce; memory is the
+tensor in hand. :class:`TorchDistReader` reads any region of a key (one layer of a stacked tensor)
+from whatever chunks cover it, so it also reads checkpoints that Megatron wrote at any TP/PP.
+
+Keys follow ``GPTModel.sharded_state_dict(prefix="model.")``: decoder layers are *stacked* under a
+key without the layer number, with the global layer index as a leading axis
+(``model.decoder.layers.self_attention.linear_qkv.weight``: ``[L, (nq+2ng)*d, H]``, one chunk per
+layer); the layer norms live under TE-style names (``input_layernorm`` ->
+``self_attention.linear_qkv.layer_norm_weight``, ``pre_mlp_layernorm`` ->
+``mlp.linear_fc1.layer_norm_weight``); each linear layer of the local spec also has an
+``_extra_state`` object (``None``) per layer. The saved global tensors do not depend on TP (QKV is
+grouped, fc1 is ``[gate; up]``), except the vocabulary padding; Megatron loads the embedding and
+output layer with ``allow_shape_mismatch``, so a checkpoint padded for one TP loads at another.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import io
+import json
+import math
+import os
+import pickle
+import re
+import struct
+import zipfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.distributed.checkpoint.metadata import (
+    BytesStorageMetadata,
+    ChunkStorageMetadata,
+    Metadata,
+    MetadataIndex,
+    TensorProperties,
+    TensorStorageMetadata,
+)
+
+from megatron_t1.convert.hf_io import copy_range, write_all
+from megatron_t1.convert.maps import ConvertError
+from megatron_t1.convert.sharding import layer_index
+
+MODEL_PREFIX = "model."
+"""Prefix of the model's keys (``mcore/checkpoint.py`` loads ``sharded_state_dict(prefix=...)``)."""
+METADATA_FILE = "megatron_t1.json"
+FORMAT = "megatron_t1/torch_dist"
+EXTRA_STATE_MODULES = (
+    "self_attention.linear_proj",
+    "self_attention.linear_qkv",
+    "mlp.linear_fc1",
+    "mlp.linear_fc2",
+)
+"""Local-spec modules that save an ``_extra_state`` ShardedObject per layer."""
+_TE_NORM_KEYS = {
+    "input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+    "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight",
+}
+_MCORE_NORM_NAMES = {v: k for k, v in _TE_NORM_KEYS.items()}
+_MEGATRON_METADATA = {
+    "sharded_backend": "torch_dist",
+    "sharded_backend_version": 1,
+    "common_backend": "torch",
+    "common_backend_version": 1,
+}
+
+
+def sharded_key(mcore_name: str, prefix: str = MODEL_PREFIX) -> tuple[str, int | None]:
+    """Full Megatron name (global layer index) -> (checkpoint key, layer index or None)."""
+    i = layer_index(mcore_name)
+    if i is None:
+        return prefix + mcore_name, None
+    rest = mcore_name.split(f"decoder.layers.{i}.", 1)[1]
+    return f"{prefix}decoder.layers.{_TE_NORM_KEYS.get(rest, rest)}", i
+
+
+def mcore_name(key: str, layer: int | None, prefix: str = MODEL_PREFIX) -> str:
+    """Inverse of :func:`sharded_key`."""
+    name = key.removeprefix(prefix)
+    if layer is None:
+        return name
+    rest = name.removeprefix("decoder.layers.")
+    return f"decoder.layers.{layer}.{_MCORE_NORM_NAMES.get(rest, rest)}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Writing
+# --------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _no_crc32():
+    """Skip the CRC-32 that ``torch.save`` computes over every record (2-4x faster writes).
+
+    ``torch.load`` (and so DCP's and Megatron's readers) never checks it; this is torch's own
+    ``set_crc32_options(False)``, restored on exit. Only ``unzip -t`` of a record would complain.
+    """
+    get = getattr(torch.serialization, "get_crc32_options", None)
+    if get is None:  # torch < 2.6: always computes it
+        yield
+        return
+    old = get()
+    torch.serialization.set_crc32_options(False)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(old)
+
+
+class TorchDistWriter:
+    """Append tensors and objects to a torch_dist checkpoint folder one at a time.
+
+    ``file_bytes``: start a new ``__0_K.distcp`` data file after this many bytes (keeps files a
+    manageable size for copying; any value loads the same).
+    """
+
+    def __init__(self, ckpt_dir: str | os.PathLike, *, file_bytes: int = 4 * 2**30):
+        # Private to DCP's filesystem backend, but it is what its reader expects in storage_data.
+        from torch.distributed.checkpoint.filesystem import _StorageInfo
+
+        self._storage_info = _StorageInfo
+        self.dir = Path(ckpt_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.file_bytes = file_bytes
+        self.state_dict_metadata: dict[str, Any] = {}
+        self.storage_data: dict[MetadataIndex, Any] = {}
+        self._file_no = -1
+        self._fh: io.BufferedWriter | None = None
+        self._finished = False
+
+    def _stream(self) -> tuple[io.BufferedWriter, str]:
+        if self._fh is None or self._fh.tell() >= self.file_bytes:
+            if self._fh is not None:
+                self._fh.close()
+            self._file_no += 1
+            self._fh = open(self.dir / f"__0_{self._file_no}.distcp", "wb")
+        return self._fh, f"__0_{self._file_no}.distcp"
+
+    def _append(self, index: MetadataIndex, payload: torch.Tensor | bytes) -> None:
+        fh, rel = self._stream()
+        start = fh.tell()
+        if isinstance(payload, torch.Tensor):
+            with _no_crc32():
+                torch.save(payload, fh)
+        else:
+            fh.write(payload)
+        self.storage_data[index] = self._storage_info(rel, start, fh.tell() - start)
+
+    def _register(
+        self, key: str, shape: tuple[int, ...], dtype: torch.dtype, layer: int | None, num_layers: int | None
+    ) -> tuple[tuple[int, ...], MetadataIndex]:
+        """Record a chunk in the metadata; returns (chunk shape, storage index)."""
+        if layer is None:
+            global_shape, offsets, chunk_shape = shape, (0,) * len(shape), shape
+        else:
+            if num_layers is None or not 0 <= layer < num_layers:
+                raise ConvertError(f"{key}: layer {layer} outside [0, {num_layers})")
+            global_shape, offsets, chunk_shape = (
+                (num_layers, *shape),
+                (layer,) + (0,) * len(shape),
+                (1, *shape),
+            )
+        md = self.state_dict_metadata.get(key)
+        if md is None:
+            md = TensorStorageMetadata(
+                properties=TensorProperties(dtype=dtype), size=torch.Size(global_shape), chunks=[]
+            )
+            self.state_dict_metadata[key] = md
+        elif tuple(md.size) != global_shape or md.properties.dtype != dtype:
+            raise ConvertError(
+                f"{key}: layer {layer} has shape/dtype {shape} {dtype}, "
+                f"others {tuple(md.size)} {md.properties.dtype}"
+            )
+        if any(tuple(c.offsets) == offsets for c in md.chunks):
+            raise ConvertError(f"{key}: chunk at {offsets} written twice")
+        md.chunks.append(ChunkStorageMetadata(offsets=torch.Size(offsets), sizes=torch.Size(chunk_shape)))
+        return chunk_shape, MetadataIndex(key, torch.Size(offsets))
+
+    def add_tensor(
+        self, key: str, tensor: torch.Tensor, *, layer: int | None = None, num_layers: int | None = None
+    ) -> None:
+        """Write ``tensor`` as the whole of ``key``, or as layer ``layer`` of a stacked key of
+        global shape ``[num_layers, *tensor.shape]``."""
+        t = tensor.detach().to("cpu")
+        # torch.save writes a view's whole storage: give it a tensor that owns exactly its bytes.
+        if not t.is_contiguous() or t.untyped_storage().nbytes() != t.numel() * t.element_size():
+            t = t.contiguous().clone()
+        chunk_shape, index = self._register(key, tuple(t.shape), t.dtype, layer, num_layers)
+        self._append(index, t.reshape(chunk_shape))
+
+    def add_tensor_from_ranges(
+        self,
+        key: str,
+        shape: tuple[int, ...],
+        dtype: torch.dtype,
+        ranges: Sequence[tuple[Path | None, int, int]],
+        *,
+        layer: int | None = None,
+        num_layers: int | None = None,
+    ) -> None:
+        """Like :meth:`add_tensor`, with the tensor's raw bytes given as ``(file, offset, length)``
+        ranges of other files (``file=None``: zeros), copied in the kernel (``copy_file_range``).
+
+        The record around the bytes is what ``torch.save`` writes for a tensor of this shape and
+        dtype, obtained by saving an untouched ``torch.empty`` into :class:`_RecordSplitter`.
+        """
+        nbytes = math.prod(shape) * dtype.itemsize
+        if sum(r[2] for r in ranges) != nbytes:
+            raise ConvertError(f"{key}: byte ranges add up to {sum(r[2] for r in ranges)}, expected {nbytes}")
+        chunk_shape, index = self._register(key, tuple(shape), dtype, layer, num_layers)
+        splitter = _RecordSplitter(nbytes)
+        with _no_crc32():
+            torch.save(torch.empty(chunk_shape, dtype=dtype), splitter)
+        head, tail = splitter.parts()
+        fh, rel = self._stream()
+        fh.flush()
+        start = fh.tell()
+        fd = fh.fileno()
+        write_all(fd, head)
+        for path, off, n in ranges:
+            if path is None:
+                _write_zeros(fd, n)
+            else:
+                copy_range(path, off, n, fd, what=key)
+        write_all(fd, tail)
+        fh.seek(0, os.SEEK_END)  # the buffered writer's position follows the raw writes
+        self.storage_data[index] = self._storage_info(rel, start, fh.tell() - start)
+
+    def add_object(
+        self, key: str, obj: Any, *, layer: int | None = None, num_layers: int | None = None
+    ) -> None:
+        """A Megatron ``ShardedObject`` (saved with ``torch.save``) under its unique key
+        ``{key}/shard_{offset}_{shape}``."""
+        offset, shape = ((layer,), (num_layers,)) if layer is not None else ((0,), (1,))
+        unique = f"{key}/shard_{'.'.join(map(str, offset))}_{'.'.join(map(str, shape))}"
+        buf = io.BytesIO()
+        torch.save([obj], buf)  # Megatron saves the list of a key's local objects (one here)
+        self.state_dict_metadata[unique] = BytesStorageMetadata()
+        self._append(MetadataIndex(unique), buf.getvalue())
+
+    def finish(self) -> None:
+        """Close the data files and write ``.metadata``, ``common.pt`` and ``metadata.json``."""
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        incomplete = []
+        for key, md in self.state_dict_metadata.items():
+            if isinstance(md, TensorStorageMetadata):
+                covered = sum(torch.Size(c.sizes).numel() for c in md.chunks)
+                if covered != md.size.numel():
+                    incomplete.append(f"{key} ({len(md.chunks)} chunks)")
+        if incomplete:
+            raise ConvertError(f"checkpoint incomplete, some layers were not written: {incomplete[:4]}")
+        metadata = Metadata(state_dict_metadata=self.state_dict_metadata, storage_data=self.storage_data)
+        if "version" in {f.name for f in dataclasses.fields(Metadata)}:
+            metadata.version = "1.0.0"
+        with open(self.dir / ".metadata", "wb") as f:
+            pickle.dump(metadata, f)
+        torch.save({}, self.dir / "common.pt")
+        (self.dir / "metadata.json").write_text(json.dumps(_MEGATRON_METADATA))
+        self._finished = True
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+
+
+class _RecordSplitter(io.RawIOBase):
+    """A write-only stream for ``torch.save`` that keeps everything but the one ``nbytes``-long
+    write of the tensor's data (miniz writes a stored record's data in a single call); with the
+    CRC off, the kept bytes do not depend on the data."""
+
+    def __init__(self, nbytes: int):
+        super().__init__()
+        self.nbytes = nbytes
+        self.head: list[bytes] = []
+        self.tail: list[bytes] = []
+        self.seen = 0
+        self.pos = 0
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, b) -> int:
+        n = memoryview(b).nbytes
+        if n == self.nbytes and n > 0 and not self.seen:
+            self.seen += 1  # the data itself: never read (it is an untouched torch.empty)
+        else:
+            (self.tail if self.seen else self.head).append(bytes(b))
+        self.pos += n
+        return n
+
+    def tell(self) -> int:
+        return self.pos
+
+    def parts(self) -> tuple[bytes, bytes]:
+        if self.seen != 1:
+            raise ConvertError("torch.save did not write the tensor data in one piece; cannot stream it")
+        return b"".join(self.head), b"".join(self.tail)
+
+
+def _write_zeros(fd: int, n: int) -> None:
+    zeros = bytes(min(n, 16 * 2**20))
+    while n > 0:
+        k = min(n, len(zeros))
+        write_all(fd, memoryview(zeros)[:k])
+        n -= k
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading
+# --------------------------------------------------------------------------------------------------
+
+
+class _FileView(io.RawIOBase):
+    """A read-only window ``[offset, offset + length)`` of a file (for ``torch.load``)."""
+
+    def __init__(self, path: Path, offset: int, length: int):
+        super().__init__()
+        self._f = open(path, "rb", buffering=0)
+        self._start, self._len, self._pos = offset, length, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: self._len}[whence]
+        self._pos = max(0, min(self._len, base + pos))
+        return self._pos
+
+    def readinto(self, b) -> int:
+        n = min(len(b), self._len - self._pos)
+        if n <= 0:
+            return 0
+        got = os.preadv(self._f.fileno(), [memoryview(b)[:n]], self._start + self._pos)
+        self._pos += got
+        return got
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
+
+
+class TorchDistReader:
+    """Read tensors (or one layer of a stacked tensor) from a torch_dist checkpoint folder."""
+
+    def __init__(self, ckpt_dir: str | os.PathLike):
+        self.dir = Path(ckpt_dir)
+        md_path = self.dir / ".metadata"
+        if not md_path.is_file():
+            raise ConvertError(f"{self.dir} is not a torch_dist checkpoint (no .metadata)")
+        mj = self.dir / "metadata.json"
+        if mj.is_file() and json.loads(mj.read_text()).get("sharded_backend") not in (None, "torch_dist"):
+            raise ConvertError(f"{mj}: only the torch_dist backend is supported")
+        with open(md_path, "rb") as f:
+            self.metadata: Metadata = pickle.load(f)
+        self.storage = {
+            (i.fqn, tuple(i.offset) if i.offset is not None else None): s
+            for i, s in self.metadata.storage_data.items()
+        }
+        self.prefix = self._detect_prefix()
+
+    def _detect_prefix(self) -> str:
+        for key in self.metadata.state_dict_metadata:
+            m = re.fullmatch(r"(.*)embedding\.word_embeddings\.weight", key)
+            if m:
+                return m.group(1)
+        raise ConvertError(f"{self.dir}: no embedding.word_embeddings.weight key; not a GPT checkpoint")
+
+    def keys(self) -> list[str]:
+        return list(self.metadata.state_dict_metadata)
+
+    def tensor_meta(self, key: str) -> TensorStorageMetadata:
+        md = self.metadata.state_dict_metadata.get(key)
+        if not isinstance(md, TensorStorageMetadata):
+            raise ConvertError(f"{self.dir}: tensor {key} not in the checkpoint")
+        return md
+
+    def _load_chunk(self, key: str, chunk: ChunkStorageMetadata) -> torch.Tensor:
+        info = self.storage.get((key, tuple(chunk.offsets)))
+        if info is None:
+            raise ConvertError(f"{self.dir}: no data for {key} at {tuple(chunk.offsets)}")
+        if getattr(info, "transform_descriptors", None):
+            raise ConvertError(
+                f"{self.dir}: {key} uses DCP transforms {info.transform_descriptors} (unsupported)"
+            )
+        path = self.dir / info.relative_path
+        if not path.is_file():
+            raise ConvertError(f"missing checkpoint file {path} (holds {key})")
+        with _FileView(path, info.offset, info.length) as view:
+            t = torch.load(view, map_location="cpu", weights_only=True)
+        if t.numel() != torch.Size(chunk.sizes).numel():
+            raise ConvertError(
+                f"{path}: chunk of {key} has {t.numel()} elements, expected {tuple(chunk.sizes)}"
+            )
+        return t.reshape(tuple(chunk.sizes))
+
+    def read(self, key: str, layer: int | None = None) -> torch.Tensor:
+        """The whole tensor ``key``, or ``key[layer]`` of a stacked one, assembled from its chunks."""
+        md = self.tensor_meta(key)
+        size = tuple(md.size)
+        if layer is None:
+            lo, hi = (0,) * len(size), size
+        else:
+            if not 0 <= layer < size[0]:
+                raise ConvertError(f"{key}: layer {layer} outside [0, {size[0]})")
+            lo, hi = (layer,) + (0,) * (len(size) - 1), (layer + 1,) + size[1:]
+        region = tuple(h - lo_ for lo_, h in zip(lo, hi))
+        out = None
+        filled = 0
+        for c in md.chunks:
+            c_lo = tuple(c.offsets)
+            c_hi = tuple(o + s for o, s in zip(c.offsets, c.sizes))
+            a = tuple(max(x, y) for x, y in zip(lo, c_lo))
+            b = tuple(min(x, y) for x, y in zip(hi, c_hi))
+            if any(x >= y for x, y in zip(a, b)):
+                continue
+            t = self._load_chunk(key, c)
+            if c_lo == lo and c_hi == hi:  # the usual case: one chunk is exactly the region
+                out, filled = t, t.numel()
+                break
+            if out is None:
+                out = torch.empty(region, dtype=md.properties.dtype)
+            src = t[tuple(slice(x - o, y - o) for x, y, o in zip(a, b, c_lo))]
+            out[tuple(slice(x - o, y - o) for x, y, o in zip(a, b, lo))] = src
+            filled += src.numel()
+            del t
+        if out is None or filled != torch.Size(region).numel():
+            what = f"layer {layer}" if layer is not None else "it"
+            raise ConvertError(f"{self.dir}: the chunks of {key} do not cover {what}")
+        return out[0] if layer is not None else out
+
+    def _raw_record(
+        self, key: str, chunk: ChunkStorageMetadata, dtype: torch.dtype
+    ) -> tuple[Path, int] | None:
+        """(file, byte offset) of a chunk's raw data when its record holds exactly the chunk,
+        contiguous and uncompressed (what our writer and Megatron's usually write), else None."""
+        info = self.storage.get((key, tuple(chunk.offsets)))
+        if info is None or getattr(info, "transform_descriptors", None):
+            return None
+        path = self.dir / info.relative_path
+        try:
+            with _FileView(path, info.offset, info.length) as view:
+                zf = zipfile.ZipFile(view)
+                pkl = next(n for n in zf.namelist() if n.endswith("data.pkl"))
+                pkl_info = zf.getinfo(pkl)
+                if pkl_info.compress_type != zipfile.ZIP_STORED:
+                    return None
+                view.seek(_member_data_start(view, pkl_info))  # not zf.read: our records carry no CRC
+                probe = _probe_tensor_pickle(view.read(pkl_info.file_size))
+                if probe is None:
+                    return None
+                numel = torch.Size(chunk.sizes).numel()
+                size, stride, offset, storage_key, storage_numel = probe
+                contiguous = [math.prod(size[i + 1 :]) for i in range(len(size))]
+                if (
+                    offset != 0
+                    or storage_numel != numel
+                    or math.prod(size) != numel
+                    or (list(stride) != contiguous and numel > 1)
+                ):
+                    return None
+                rec = zf.getinfo(pkl[: -len("data.pkl")] + f"data/{storage_key}")
+                if rec.compress_type != zipfile.ZIP_STORED or rec.file_size != numel * dtype.itemsize:
+                    return None
+                return path, info.offset + _member_data_start(view, rec)
+        except (zipfile.BadZipFile, StopIteration, KeyError, OSError, pickle.UnpicklingError, struct.error):
+            return None
+
+    def raw_row_ranges(self, key: str, layer: int | None = None) -> list[tuple[int, int, Path, int]] | None:
+        """The rows of ``key`` (or of ``key[layer]``) as ``(row0, row1, file, byte offset of row0)``
+        runs of raw bytes, when every chunk covering them is a full-width raw record; else None.
+
+        A "row" is a slice along the first axis after the layer axis; the ranges let an export copy
+        bytes file to file (``copy_file_range``) without materialising the tensor.
+        """
+        md = self.tensor_meta(key)
+        size = tuple(md.size)
+        lead = 0 if layer is None else 1  # the stacked layer axis, if any
+        if len(size) <= lead:
+            return None
+        rows, rest = size[lead], size[lead + 1 :]
+        row_bytes = math.prod(rest) * md.properties.dtype.itemsize
+        out = []
+        for c in md.chunks:
+            off, sz = tuple(c.offsets), tuple(c.sizes)
+            if lead and not off[0] <= layer < off[0] + sz[0]:
+                continue
+            if tuple(sz[lead + 1 :]) != rest or any(off[lead + 1 :]):
+                return None  # split along a later axis (e.g. a row-parallel layer saved at TP > 1)
+            raw = self._raw_record(key, c, md.properties.dtype)
+            if raw is None:
+                return None
+            r0 = off[lead]
+            base = raw[1] + ((layer - off[0]) * sz[lead] if lead else 0) * row_bytes
+            out.append((r0, r0 + sz[lead], raw[0], base))
+        out.sort()
+        if [r[0] for r in out] != [0] + [r[1] for r in out[:-1]] or (out and out[-1][1] != rows) or not out:
+            return None
+        return out
+
+    def read_mcore(self, mcore_full_name: str) -> torch.Tensor:
+        """A full Megatron tensor by its TP=1 name with the global layer index."""
+        key, layer = sharded_key(mcore_full_name, self.prefix)
+        return self.read(key, layer)
+
+    def shape_mcore(self, mcore_full_name: str) -> tuple[tuple[int, ...], torch.dtype]:
+        """(full shape, dtype) of a Megatron tensor without reading it."""
+        key, layer = sharded_key(mcore_full_name, self.prefix)
+        md = self.tensor_meta(key)
+        shape = tuple(md.size)
+        if layer is not None:
+            if layer >= shape[0]:
+                raise ConvertError(f"{self.dir}: {key} has {shape[0]} layers, layer {layer} requested")
+            shape = shape[1:]
+        return shape, md.properties.dtype
+
+
+def _member_data_start(view: io.RawIOBase, info: zipfile.ZipInfo) -> int:
+    """Offset of a stored zip member's data (after its local header, whose extra field pads it)."""
+    view.seek(info.header_offset)
+    header = view.read(30)
+    if header[:4] != b"PK\x03\x04":
+        raise zipfile.BadZipFile("bad local header")
+    name_len, extra_len = struct.unpack("<HH", header[26:30])
+    return info.header_offset + 30 + name_len + extra_len
+
+
+class _TensorProbe(pickle.Unpickler):
+    """Unpickles a torch.save ``data.pkl`` of a single plain tensor without touching its data."""
+
+    def find_class(self, module: str, name: str):
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _capture_rebuild
+        if module == "torch" and name.endswith("Storage"):
+            return name
+        if (module, name) == ("collections", "OrderedDict"):
+            return collections.OrderedDict
+        raise pickle.UnpicklingError(f"unexpected {module}.{name}")
+
+    def persistent_load(self, pid):
+        return pid
+
+
+def _capture_rebuild(storage, storage_offset, size, stride, *args):
+    return ("tensor", storage, storage_offset, tuple(size), tuple(stride))
+
+
+def _probe_tensor_pickle(data: bytes):
+    """(size, stride, storage offset, storage key, storage numel) of a pickled tensor, or None."""
+    obj = _TensorProbe(io.BytesIO(data)).load()
+    if not (isinstance(obj, tuple) and obj and obj[0] == "tensor"):
+        return None
+    _, pid, offset, size, stride = obj
+    if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and pid[3] == "cpu"):
+        return None
+    return size, stride, offset, pid[2], pid[4]
+
+
+# --------------------------------------------------------------------------------------------------
+# Our metadata file
+# --------------------------------------------------------------------------------------------------
+
+
+def write_checkpoint_metadata(
+    ckpt_dir: str | os.PathLike, model: Any, *, tp: int, pp: int, step: int = 0, **extra: Any
+) -> dict:
+    """Write ``megatron_t1.json`` atomically: {"format", "step", "model", "tp", "pp", **extra}.
+
+    ``model``: a ModelConfig (or its dict). The same layout ``mcore/checkpoint.py`` writes.
+    """
+    model_dict = dataclasses.asdict(model) if dataclasses.is_dataclass(model) else dict(model)
+    meta = {"format": FORMAT, "step": step, "model": model_dict, "tp": tp, "pp": pp, **extra}
+    p = Path(ckpt_dir) / METADATA_FILE
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2))
+    os.replace(tmp, p)
+    return meta
+
+
+def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
+    """A checkpoint folder, or a run's ``checkpoints/`` folder whose ``latest`` names one."""
+    p = Path(path)
+    if (p / "latest").is_file() and not (p / ".metadata").is_file():
+        return p / (p / "latest").read_text().strip()
+    return p
+
+
+def read_checkpoint_metadata(ckpt_dir: str | os.PathLike) -> dict:
+    """Read and check ``megatron_t1.json`` (a folder without it is not a complete checkpoint)."""
+    d = Path(ckpt_dir)
+    if not d.is_dir():
+        raise ConvertError(f"checkpoint folder not found: {d}")
+    p = d / METADATA_FILE
+    if not p.is_file():
+        raise ConvertError(f"{d} is not a complete megatron_t1 checkpoint (no {METADATA_FILE})")
+    meta = json.loads(p.read_text())
+    if meta.get("format") != FORMAT:
+        raise ConvertError(f"{p}: unknown format {meta.get('format')!r} (expected {FORMAT!r})")
+    return meta
