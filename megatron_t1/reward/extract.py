@@ -45,7 +45,7 @@ _BOXED_CHOICE = re.compile(
     rf"^\s*(?:\\text(?:bf|rm)?\s*\{{)?\s*(?:\(\s*([{_LETTERS}])\s*\)|([{_LETTERS}]))\s*\)?\s*\}}?\s*\.?\s*$"
 )
 _ANSWER_CHOICE = re.compile(
-    rf"(?i:answer)(?:\s*\*\*)?\s*(?i:is|:)?\s*(?:\*\*)?\s*(?i:option|choice)?\s*:?\s*(?:\*\*)?\s*"
+    rf"(?i:answer)(?:\s*\*\*)?\s*(?i:is|:)?[\s*:$]*(?i:option|choice)?[\s*:$]*"
     rf"\(?\s*([{_LETTERS}])\s*\)?(?![A-Za-z0-9])"
 )
 _LAST_LINE_CHOICE = re.compile(rf"^[\s*$]*\(\s*([{_LETTERS}])\s*\)[\s*.$]*$|^[\s*]*([{_LETTERS}])[\s*.]*$")

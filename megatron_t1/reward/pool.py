@@ -16,6 +16,11 @@ Each worker runs ``handler(task, cache, context)`` one task at a time, where ``c
 run with another scope starts). Up to ``depth`` tasks are queued per worker, so a worker does not
 idle while the parent reads its last result.
 
+Tasks may carry a group key (the scorer groups the responses of one prompt): a worker sticks to
+one group until it is drained and then takes a group no other worker is on, so the tasks of a group
+share that worker's caches (the reference parsed once, each distinct answer string parsed once);
+only at the tail of a run does an idle worker take tasks from the end of another worker's group.
+
 Processes use the ``spawn`` start method (no fork of a parent holding threads, CUDA or locks).
 Like every spawn user, a script that creates a pool must guard its entry point with
 ``if __name__ == "__main__":``. Use the pool as a context manager, or call :meth:`close`.
@@ -70,6 +75,50 @@ def _worker_main(conn: mpc.Connection, handler: Callable, init: Callable | None,
         conn.send(("result", index, *out))
 
 
+_NO_GROUP = object()
+
+
+class _Pending:
+    """Tasks not sent yet, in per-group FIFO queues (see the module docstring for the policy)."""
+
+    def __init__(self, n: int, groups: Sequence[Hashable] | None) -> None:
+        self._group_of = list(groups) if groups is not None else [None] * n
+        if len(self._group_of) != n:
+            raise ValueError(f"WorkerPool.run: {n} tasks but {len(self._group_of)} group keys")
+        self._queues: dict[Hashable, deque] = {}
+        for index, group in enumerate(self._group_of):
+            self._queues.setdefault(group, deque()).append(index)
+        self.count = n
+
+    def __bool__(self) -> bool:
+        return self.count > 0
+
+    def take(self, current: Hashable, busy: set) -> tuple[int, Hashable]:
+        """Next task for a worker on group ``current``, while other workers are on ``busy``.
+
+        Empty queues are dropped, so finding a free group scans at most ``len(busy) + 1`` keys.
+        """
+        queue = self._queues.get(current)
+        if queue:
+            index = queue.popleft()
+        else:
+            free = next((g for g in self._queues if g not in busy), _NO_GROUP)
+            if free is not _NO_GROUP:
+                current = free
+                index = self._queues[current].popleft()
+            else:  # the tail of a run: help the worker that has the most left, from the end
+                current = max(self._queues, key=lambda g: len(self._queues[g]))
+                index = self._queues[current].pop()
+        if not self._queues[current]:
+            del self._queues[current]
+        self.count -= 1
+        return index, current
+
+    def put_back(self, index: int) -> None:
+        self._queues.setdefault(self._group_of[index], deque()).appendleft(index)
+        self.count += 1
+
+
 @dataclass
 class _Slot:
     proc: Any
@@ -79,6 +128,7 @@ class _Slot:
     queue: deque = field(default_factory=deque)  # task indices sent, oldest first
     head_since: float = 0.0  # when queue[0] became the task the worker is on
     broken: bool = False  # a send failed: the worker is gone, handled once its pipe is drained
+    group: Hashable = None  # the group this worker is draining
 
 
 class WorkerPool:
@@ -137,11 +187,11 @@ class WorkerPool:
         slot.proc.join(timeout=5)
         slot.conn.close()
 
-    def _replace(self, i: int, pending: deque) -> None:
+    def _replace(self, i: int, pending: _Pending) -> None:
         """Kill slot i, give its queued tasks (not the head, already resolved) back, respawn."""
         slot = self._slots[i]
         for index in reversed(slot.queue):
-            pending.appendleft(index)
+            pending.put_back(index)
         slot.queue.clear()
         self._kill(slot)
         self.restarts += 1
@@ -150,7 +200,7 @@ class WorkerPool:
     def wait_ready(self) -> None:
         """Block until every worker finished start-up (optional: :meth:`run` waits as needed)."""
         while not all(s.ready for s in self._slots):
-            self._wait_and_collect([], deque())
+            self._wait_and_collect([], _Pending(0, None))
 
     @property
     def pids(self) -> list[int]:
@@ -158,9 +208,12 @@ class WorkerPool:
         return [s.proc.pid for s in self._slots]
 
     # ---------------------------------------------------------------------------------------------
-    def run(self, tasks: Sequence[Any], scope: Hashable = None) -> list[TaskResult]:
+    def run(
+        self, tasks: Sequence[Any], scope: Hashable = None, groups: Sequence[Hashable] | None = None
+    ) -> list[TaskResult]:
         """Run ``tasks``; results in task order. Workers keep their cache while ``scope`` stays
-        the same from one run to the next (None: a fresh cache every run).
+        the same from one run to the next (None: a fresh cache every run). ``groups[i]``: the
+        group of task i (tasks of a group go to one worker, in order, as far as possible).
 
         Blocks at most about ``len(tasks) / num_workers * wall_timeout_s`` (plus start-up of
         replaced workers); never forever.
@@ -171,7 +224,9 @@ class WorkerPool:
             self._fresh += 1
             scope = ("fresh", self._fresh)
         results: list[TaskResult | None] = [None] * len(tasks)
-        pending = deque(range(len(tasks)))
+        pending = _Pending(len(tasks), groups)
+        for slot in self._slots:  # group keys of an earlier run mean nothing in this one
+            slot.group = None
         remaining = len(tasks)
         while remaining > 0:
             now = time.monotonic()
@@ -181,22 +236,23 @@ class WorkerPool:
             remaining -= self._wait_and_collect(results, pending)
         return results  # type: ignore[return-value]
 
-    def _feed(self, slot: _Slot, tasks: Sequence, scope: Hashable, pending: deque, now: float) -> None:
+    def _feed(self, slot: _Slot, tasks: Sequence, scope: Hashable, pending: _Pending, now: float) -> None:
         """Send tasks to ``slot`` up to ``depth``. A broken pipe marks the slot: the death is
         handled after its pipe is drained (a result may have arrived before it died)."""
+        busy = {s.group for s in self._slots if s is not slot}  # owned until drained (or the owner dies)
         while pending and len(slot.queue) < self.depth:
-            index = pending.popleft()
+            index, slot.group = pending.take(slot.group, busy)
             try:
                 slot.conn.send((scope, index, tasks[index]))
             except (BrokenPipeError, ConnectionResetError, OSError):
-                pending.appendleft(index)
+                pending.put_back(index)
                 slot.broken = True
                 return
             if not slot.queue:
                 slot.head_since = now
             slot.queue.append(index)
 
-    def _on_death(self, i: int, results: list, pending: deque) -> int:
+    def _on_death(self, i: int, results: list, pending: _Pending) -> int:
         """Worker i is gone: its head task died with it; the rest are re-queued. Returns 1 or 0."""
         slot = self._slots[i]
         done = 0
@@ -206,7 +262,7 @@ class WorkerPool:
         self._replace(i, pending)
         return done
 
-    def _wait_and_collect(self, results: list, pending: deque) -> int:
+    def _wait_and_collect(self, results: list, pending: _Pending) -> int:
         """Wait for messages, deaths or the nearest deadline; returns how many tasks completed."""
         now = time.monotonic()
         deadlines = []

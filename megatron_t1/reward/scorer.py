@@ -6,11 +6,12 @@ reference under math-verify, else ``wrong`` (0): wrong, missing, too complex, ti
 
 Scoring runs in a :class:`~megatron_t1.reward.pool.WorkerPool` of spawn processes: each answer
 is extracted, parsed and compared under a ``timeout_s`` SIGALRM budget in its worker, and the
-parent kills and replaces a worker stuck past ``wall_guard_s``. Each distinct reference is parsed
-in a first pool pass (a reference that fails or times out fails once, not once per response) and
-at most once per worker per batch: workers keep parsed references for the batch. (They are not
-shipped pickled: unpickling rebuilds math-verify's unevaluated sympy trees in canonical order,
-which changes some comparisons, e.g. ``Monday`` against ``\text{Monday}``.)
+parent kills and replaces a worker stuck past ``wall_guard_s``. The responses of one reference
+form a group that one worker drains (see the pool): it parses the reference once, first, keeps
+it for the batch, and meets each distinct answer string of the group in math-verify's parse
+cache; a reference that fails or times out fails once, not once per response. (Parsed references
+are not shipped between processes: unpickling rebuilds math-verify's unevaluated sympy trees in
+canonical order, which changes some comparisons, e.g. ``Monday`` against ``\\text{Monday}``.)
 
     with RewardScorer(cfg) as scorer:          # workers start here, in the background
         batch = scorer.score(responses, golds, truncated=flags)
@@ -75,7 +76,8 @@ def _init_worker(cfg: RewardConfig) -> RewardConfig:
 
 
 def _gold(text: str, cache: dict, cfg: RewardConfig) -> list:
-    """The parsed reference, from the worker's batch cache or parsed now (call under the timer)."""
+    """The parsed reference from the worker's batch cache, else parsed now (call under the timer).
+    An empty list: it cannot be parsed (or timed out before)."""
     from megatron_t1.reward.math_answer import parse_math
 
     key = ("gold", text)
@@ -84,10 +86,10 @@ def _gold(text: str, cache: dict, cfg: RewardConfig) -> list:
     return cache[key]
 
 
-def _handle(task: tuple, cache: dict, cfg: RewardConfig) -> tuple:
+def _handle(task: tuple, cache: dict, cfg: RewardConfig) -> tuple | str:
     """One pool task. ``("gold", text)`` -> "ok" | "empty" | "timeout" (the parse stays cached).
     ``("score", response, truncated, mean_logprob, gold_text, letter)`` -> (reward, reason,
-    extracted, penalties); ``gold_text`` None means the reference could not be parsed."""
+    extracted, penalties); ``gold_text`` is None for a multiple-choice ``letter``."""
     from megatron_t1.reward.math_answer import AnswerTimeout, answer_timeout, is_equivalent, parse_math
 
     if task[0] == "gold":
@@ -95,6 +97,7 @@ def _handle(task: tuple, cache: dict, cfg: RewardConfig) -> tuple:
             with answer_timeout(cfg.timeout_s):
                 return "ok" if _gold(task[1], cache, cfg) else "empty"
         except AnswerTimeout:
+            cache[("gold", task[1])] = []  # the group's responses fail fast instead of retrying
             return "timeout"
 
     _, response, truncated, mean_logprob, gold, letter = task
@@ -108,14 +111,17 @@ def _handle(task: tuple, cache: dict, cfg: RewardConfig) -> tuple:
     if letter is not None:
         ok = extracted == letter
         return (cfg.correct if ok else cfg.wrong, "correct" if ok else "wrong", extracted, ())
-    if gold is None:
+    if cache.get(("gold", gold)) == []:
         return (cfg.wrong, "gold_unparsable", extracted, ())
     if len(extracted) > cfg.max_answer_chars:
         return (cfg.wrong, "too_complex", extracted, ())
     try:
         with answer_timeout(cfg.timeout_s):
+            parsed_gold = _gold(gold, cache, cfg)  # cached unless this worker helps another's group
+            if not parsed_gold:
+                return (cfg.wrong, "gold_unparsable", extracted, ())
             pred, dropped = parse_math(extracted, max_number_bits=cfg.max_number_bits)
-            ok = is_equivalent(_gold(gold, cache, cfg), pred)
+            ok = is_equivalent(parsed_gold, pred)
     except AnswerTimeout:
         return (cfg.wrong, "timeout", extracted, ())
     reason = "correct" if ok else ("too_complex" if dropped else "wrong")
@@ -132,7 +138,7 @@ class _InProcess:
         self._cache: dict = {}
         self._scope: Any = None
 
-    def run(self, tasks: Sequence, scope: Any = None) -> list[TaskResult]:
+    def run(self, tasks: Sequence, scope: Any = None, groups: Sequence | None = None) -> list[TaskResult]:
         if scope is None or scope != self._scope:
             self._cache.clear()
             self._scope = scope
@@ -228,22 +234,19 @@ class RewardScorer:
             gold_strs.append(str(g))
         lps = list(mean_logprobs) if mean_logprobs is not None else [None] * n
 
-        # 1) each distinct math reference is parsed once (letters need no parsing); workers keep
-        #    the parses for this batch (scope)
+        # One group per reference: its parse task first, then its responses (letters need no parse).
         from megatron_t1.reward.math_answer import gold_text
 
         self._batches += 1
         letters = [gold_choice(g) for g in gold_strs]
         texts = [None if c is not None else gold_text(g) for g, c in zip(gold_strs, letters)]
-        unique = sorted({t for t in texts if t is not None})
-        gold_results = self._runner.run([("gold", t) for t in unique], scope=self._batches)
-        usable = {t for t, r in zip(unique, gold_results) if r.status == "ok" and r.value == "ok"}
+        unique = list(dict.fromkeys(t for t in texts if t is not None))
+        tasks = [("gold", t) for t in unique]
+        tasks += [("score", responses[i], bool(truncated[i]), lps[i], texts[i], letters[i]) for i in range(n)]
+        groups = unique + [t if t is not None else ("choice", c) for t, c in zip(texts, letters)]
+        everything = self._runner.run(tasks, scope=self._batches, groups=groups)
+        gold_results, results = everything[: len(unique)], everything[len(unique) :]
         gold_timeouts = sum(r.status == "timeout" or r.value == "timeout" for r in gold_results)
-
-        # 2) every response
-        tasks = [("score", responses[i], bool(truncated[i]), lps[i], texts[i] if texts[i] in usable else None,
-                  letters[i]) for i in range(n)]
-        results = self._runner.run(tasks, scope=self._batches)
 
         rewards, reasons, extracted, penalties = [], [], [], []
         for i, res in enumerate(results):

@@ -33,6 +33,9 @@ def _handler(task, cache, context):
         return cache[arg]
     if kind == "context":
         return context
+    if kind == "pid":  # busy for a moment, so both workers are at work at once
+        time.sleep(arg)
+        return os.getpid()
     raise AssertionError(kind)
 
 
@@ -95,6 +98,21 @@ def test_idle_worker_killed_between_runs():
         out = pool.run([("double", i) for i in range(8)])
         assert [r.value for r in out] == [2 * i for i in range(8)]
         assert pool.restarts == 1
+
+
+def test_groups_stick_to_a_worker():
+    """Each worker drains one group (in order) before helping with another's from its end."""
+    with _pool(num_workers=2, wall_timeout_s=5.0) as pool:
+        pool.wait_ready()
+        groups = ["a"] * 8 + ["b"] * 8
+        out = pool.run([("pid", 0.05)] * 16, groups=groups)
+        pids = [r.value for r in out]
+        assert pids[0] != pids[8]
+        assert pids[:4] == [pids[0]] * 4 and pids[8:12] == [pids[8]] * 4
+        # no group key: plain FIFO over both workers still completes everything
+        assert len(pool.run([("pid", 0.0)] * 16)) == 16
+        with pytest.raises(ValueError, match="16 tasks but 2 group keys"):
+            pool.run([("pid", 0.0)] * 16, groups=["a", "b"])
 
 
 def test_cache_lives_for_one_scope():
@@ -164,8 +182,8 @@ def test_scorer_worker_died_reason(scorer):
     os.kill(pid, signal.SIGSTOP)
     threading.Timer(0.3, os.kill, (pid, signal.SIGKILL)).start()
     batch = scorer.score(["Answer: C"] * 4, ["C"] * 4, truncated=[False] * 4)
-    # worker 1 was sent answers 2 and 3; answer 2 was its current one
-    assert batch.reasons == ["correct", "correct", "worker_died", "correct"]
+    # one group: worker 0 takes answers 0 and 1 from its front, worker 1 helps from its end (3, 2)
+    assert batch.reasons == ["correct", "correct", "correct", "worker_died"]
 
 
 def test_in_process_matches_pool(scorer):
