@@ -85,6 +85,7 @@ def _config(args: argparse.Namespace, base: RewardConfig | None) -> RewardConfig
     if args.timeout_s is not None:
         cfg["timeout_s"] = args.timeout_s
         cfg["wall_guard_s"] = max(cfg["wall_guard_s"], args.timeout_s + 0.5)
+        cfg["stall_guard_s"] = max(cfg["stall_guard_s"], cfg["wall_guard_s"])
     return RewardConfig(**cfg)
 
 

@@ -26,12 +26,17 @@ class RewardConfig:
     the per-answer timeout still applies there (main thread only) but no wall-clock guard does,
     so 0 is for debugging and single-process benchmarks only."""
     timeout_s: float = 1.0
-    """Per-answer budget in seconds (parse + verify), enforced in the worker with SIGALRM
-    (``setitimer``, sub-second). A timed-out answer scores ``wrong`` with reason ``timeout``."""
+    """Per-answer budget in CPU seconds (parse + verify), enforced in the worker by a SIGPROF
+    timer (``setitimer(ITIMER_PROF)``, sub-second). CPU rather than wall time, so that a busy
+    machine does not turn slow-but-correct answers into timeouts (the reward stays a function of
+    the batch). A timed-out answer scores ``wrong`` with reason ``timeout``."""
     wall_guard_s: float = 1.5
-    """Parent-side wall-clock limit per answer in seconds (> timeout_s). A worker still busy after
-    it (a long C call ignores signals, e.g. sympy expanding ``9^{9^{9}}``) is killed and
-    replaced; the answer scores ``wrong`` with reason ``timeout``."""
+    """Parent-side guard (> timeout_s): an answer that has run this many wall seconds while its
+    worker used more than timeout_s + 0.25 CPU seconds on it is stuck in a C call that ignores the
+    timer; the worker is killed and replaced and the answer scores ``wrong`` (``timeout``)."""
+    stall_guard_s: float = 10.0
+    """Parent-side guard (>= wall_guard_s): an answer still running after this many wall seconds
+    is killed whatever its CPU use (a stopped or blocked worker)."""
     worker_start_timeout_s: float = 120.0
     """Seconds a new worker may take to import math-verify and warm up before scoring fails."""
     max_answer_chars: int = 2000
@@ -86,6 +91,8 @@ class RewardConfig:
         need(self.num_workers >= 0, "num_workers", ">= 0")
         need(self.timeout_s > 0, "timeout_s", "> 0")
         need(self.wall_guard_s > self.timeout_s, "wall_guard_s", f"> timeout_s ({self.timeout_s})")
+        need(self.stall_guard_s >= self.wall_guard_s, "stall_guard_s",
+             f">= wall_guard_s ({self.wall_guard_s})")
         need(self.worker_start_timeout_s > 0, "worker_start_timeout_s", "> 0")
         need(self.max_answer_chars > 0, "max_answer_chars", "> 0")
         need(self.max_number_bits >= 0, "max_number_bits", ">= 0 (0 disables the guard)")

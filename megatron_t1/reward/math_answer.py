@@ -6,9 +6,9 @@ interval, relation and matrix rules: ``\\frac12 == 0.5``, ``2\\sqrt2 == \\sqrt8`
 comparator; this module only
 
 * builds the strings math-verify parses (the gold and the extracted answer, each as ``\\boxed{.}``),
-* bounds the work: its own timeouts use ``signal.alarm`` (whole seconds, main thread only, and a
-  ``TimeoutException`` that it swallows), so we turn them off and arm ``setitimer`` ourselves
-  (:func:`answer_timeout`), and
+* bounds the work: its own timeouts use ``signal.alarm`` (whole wall seconds, main thread only, and
+  a ``TimeoutException`` that it swallows in places), so we turn them off and arm a CPU-time
+  ``setitimer`` ourselves (:func:`answer_timeout`), and
 * refuses numbers whose size alone would take sympy minutes inside one C call, which no signal
   interrupts (``9^{9^{9}}`` has ~3.7e8 digits): :func:`too_large` bounds log2 of every numeric
   node before anything is evaluated.
@@ -43,7 +43,7 @@ _DELIMS = (("$$", "$$"), ("\\[", "\\]"), ("\\(", "\\)"), ("$", "$"))
 
 
 class AnswerTimeout(BaseException):
-    """Raised by the SIGALRM handler of :func:`answer_timeout`.
+    """Raised by the SIGPROF handler of :func:`answer_timeout`.
 
     A BaseException on purpose: math-verify and sympy catch ``Exception`` in many places and would
     swallow it, turning a timeout into "wrong" and running on.
@@ -56,21 +56,23 @@ def _raise_timeout(signum: int, frame: Any) -> None:
 
 @contextmanager
 def answer_timeout(seconds: float) -> Iterator[None]:
-    """Raise :class:`AnswerTimeout` in this (main) thread after ``seconds`` of wall time.
+    """Raise :class:`AnswerTimeout` in this (main) thread after ``seconds`` of CPU time.
 
-    Uses ``setitimer(ITIMER_REAL)`` so sub-second budgets work. A signal handler only runs
-    between Python bytecodes: a single long C call overruns it, which is why the pool adds a
-    parent-side wall guard.
+    ``setitimer(ITIMER_PROF)`` counts the process's user + system CPU, so sub-second budgets work
+    and a loaded machine does not shrink them (``ITIMER_REAL`` would). It counts every thread of
+    the process: meant for single-threaded worker processes. A signal handler only runs between
+    Python bytecodes: a single long C call overruns it, which is why the pool adds a parent-side
+    guard.
     """
     if threading.current_thread() is not threading.main_thread():
-        raise RuntimeError("answer_timeout needs the main thread (SIGALRM); score in worker processes")
-    previous = signal.signal(signal.SIGALRM, _raise_timeout)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+        raise RuntimeError("answer_timeout needs the main thread (SIGPROF); score in worker processes")
+    previous = signal.signal(signal.SIGPROF, _raise_timeout)
+    signal.setitimer(signal.ITIMER_PROF, seconds)
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+        signal.setitimer(signal.ITIMER_PROF, 0)
+        signal.signal(signal.SIGPROF, previous)
 
 
 def quiet_math_verify() -> None:

@@ -2,10 +2,14 @@
 
 Why not ``concurrent.futures.ProcessPoolExecutor``: it cannot kill one stuck worker (a worker stuck
 in a C call holds its task forever) and a worker that dies breaks the whole executor. Here every
-worker has its own pipe, the parent knows which task each worker is on and since when, and
+worker has its own pipe, the parent knows which task each worker is on, since when, and how much
+CPU the worker had used when it started it, and
 
-* a task still running ``wall_timeout_s`` after it reached the head of its worker's queue gets
-  status ``"timeout"``; the worker is killed and a fresh one started;
+* a task still running ``wall_timeout_s`` after it reached the head of its worker's queue, whose
+  worker has also used more than ``cpu_timeout_s`` of CPU on it (stuck computing: a C call that
+  ignores the worker's own timer), or any task still running after ``stall_timeout_s`` (a stopped
+  or blocked worker) gets status ``"timeout"``; the worker is killed and a fresh one started.
+  Checking CPU keeps a slow but honest task on an overloaded machine from being killed early;
 * a worker that dies (segfault, OOM kill) gives its current task status ``"died"`` and is
   replaced; tasks queued behind it go back to the pending queue;
 * a task whose handler raises gets status ``"error"`` (the worker survives).
@@ -54,7 +58,7 @@ def _worker_main(conn: mpc.Connection, handler: Callable, init: Callable | None,
     """Loop of a worker process: reads ``(scope, index, task)`` messages until None or EOF."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle, not ours
     context = init(*init_args) if init is not None else None
-    conn.send(("ready", os.getpid()))
+    conn.send(("ready", os.getpid(), time.process_time()))
     cache: dict = {}
     current_scope = None
     while True:
@@ -72,10 +76,20 @@ def _worker_main(conn: mpc.Connection, handler: Callable, init: Callable | None,
             out = ("ok", handler(task, cache, context))
         except Exception as e:  # a bug in one task must not take the worker down
             out = ("error", f"{type(e).__name__}: {e}")
-        conn.send(("result", index, *out))
+        conn.send(("result", index, *out, time.process_time()))  # CPU now = CPU at the next start
 
 
 _NO_GROUP = object()
+
+
+def _process_cpu(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` from /proc (None where that is unavailable)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            fields = f.read().rsplit(b")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 class _Pending:
@@ -127,6 +141,7 @@ class _Slot:
     spawned_at: float = 0.0
     queue: deque = field(default_factory=deque)  # task indices sent, oldest first
     head_since: float = 0.0  # when queue[0] became the task the worker is on
+    cpu_at_head: float = 0.0  # the worker's process CPU time (s) when it started queue[0]
     broken: bool = False  # a send failed: the worker is gone, handled once its pipe is drained
     group: Hashable = None  # the group this worker is draining
 
@@ -136,10 +151,14 @@ class WorkerPool:
 
     Args:
         handler: module-level function ``(task, cache: dict, context) -> value`` (picklable by
-            reference). It must bound its own work where it can (the scorer arms SIGALRM); the
+            reference). It must bound its own work where it can (the scorer arms SIGPROF); the
             wall guard is the backstop.
         num_workers: processes (>= 1).
-        wall_timeout_s: seconds a task may run before its worker is killed.
+        wall_timeout_s: wall seconds a task may run before its worker may be killed.
+        cpu_timeout_s: ... and the CPU seconds the worker must also have spent on it (None: wall
+            time alone decides; also the fallback where /proc cannot be read).
+        stall_timeout_s: wall seconds after which a task's worker is killed whatever its CPU use
+            (default 10 x wall_timeout_s).
         start_timeout_s: seconds a new worker may take to send "ready" (imports + ``init``).
         init, init_args: module-level ``init(*init_args) -> context`` run once per worker.
         depth: tasks queued per worker (>= 1).
@@ -151,6 +170,8 @@ class WorkerPool:
         *,
         num_workers: int,
         wall_timeout_s: float,
+        cpu_timeout_s: float | None = None,
+        stall_timeout_s: float | None = None,
         start_timeout_s: float = 120.0,
         init: Callable | None = None,
         init_args: tuple = (),
@@ -162,6 +183,8 @@ class WorkerPool:
         self._ctx = mp.get_context("spawn")
         self._handler, self._init, self._init_args = handler, init, init_args
         self.wall_timeout_s = wall_timeout_s
+        self.cpu_timeout_s = cpu_timeout_s
+        self.stall_timeout_s = stall_timeout_s if stall_timeout_s is not None else 10 * wall_timeout_s
         self.start_timeout_s = start_timeout_s
         self.depth = depth
         self.restarts = 0
@@ -270,7 +293,10 @@ class WorkerPool:
             if not slot.ready:
                 deadlines.append(slot.spawned_at + self.start_timeout_s)
             elif slot.queue:
-                deadlines.append(slot.head_since + self.wall_timeout_s)
+                wall_deadline = slot.head_since + self.wall_timeout_s
+                # past the wall guard but not proven stuck: look again shortly (until the stall guard)
+                deadlines.append(wall_deadline if now < wall_deadline else
+                                 min(now + 0.1, slot.head_since + self.stall_timeout_s))
         timeout = max(0.0, min(deadlines) - now) if deadlines else 0.0
         waitables = [s.conn for s in self._slots] + [s.proc.sentinel for s in self._slots]
         mpc.wait(waitables, timeout=timeout)
@@ -283,11 +309,12 @@ class WorkerPool:
                     msg = slot.conn.recv()
                     if msg[0] == "ready":
                         slot.ready = True
+                        slot.cpu_at_head = msg[2]
                     else:
-                        _, index, status, value = msg
+                        _, index, status, value, cpu = msg
                         if slot.queue and slot.queue[0] == index:
                             slot.queue.popleft()
-                            slot.head_since = now
+                            slot.head_since, slot.cpu_at_head = now, cpu
                             results[index] = TaskResult(status, value)
                             done += 1
             except (EOFError, OSError):
@@ -300,11 +327,21 @@ class WorkerPool:
                 done += self._on_death(i, results, pending)
             elif not slot.ready and now - slot.spawned_at > self.start_timeout_s:
                 raise RuntimeError(f"reward worker did not start within {self.start_timeout_s:.0f} s")
-            elif slot.queue and now - slot.head_since > self.wall_timeout_s:
+            elif slot.queue and self._stuck(slot, now):
                 results[slot.queue.popleft()] = TaskResult("timeout")
                 done += 1
                 self._replace(i, pending)
         return done
+
+    def _stuck(self, slot: _Slot, now: float) -> bool:
+        """The wall guard: the head task has overrun (see the module docstring)."""
+        wall = now - slot.head_since
+        if wall > self.stall_timeout_s:
+            return True
+        if wall <= self.wall_timeout_s:
+            return False
+        cpu = _process_cpu(slot.proc.pid) if self.cpu_timeout_s is not None else None
+        return cpu is None or cpu - slot.cpu_at_head > self.cpu_timeout_s
 
     # ---------------------------------------------------------------------------------------------
     def close(self) -> None:

@@ -5,19 +5,20 @@ penalty overrides correctness), else ``correct`` (1) if the extracted final answ
 reference under math-verify, else ``wrong`` (0): wrong, missing, too complex, timed out.
 
 Scoring runs in a :class:`~megatron_t1.reward.pool.WorkerPool` of spawn processes: each answer
-is extracted, parsed and compared under a ``timeout_s`` SIGALRM budget in its worker, and the
-parent kills and replaces a worker stuck past ``wall_guard_s``. The responses of one reference
-form a group that one worker drains (see the pool): it parses the reference once, first, keeps
-it for the batch, and meets each distinct answer string of the group in math-verify's parse
-cache; a reference that fails or times out fails once, not once per response. (Parsed references
-are not shipped between processes: unpickling rebuilds math-verify's unevaluated sympy trees in
-canonical order, which changes some comparisons, e.g. ``Monday`` against ``\\text{Monday}``.)
+is extracted, parsed and compared under a ``timeout_s`` CPU-time budget (SIGPROF) in its worker,
+and the parent kills and replaces a worker stuck past ``wall_guard_s`` (see the config fields).
+The responses of one reference form a group that one worker drains (see the pool): it parses the
+reference once, first, keeps it for the batch, and meets each distinct answer string of the
+group in math-verify's parse cache; a reference that fails or times out fails once, not once
+per response. (Parsed references are not shipped between processes: unpickling rebuilds
+math-verify's unevaluated sympy trees in canonical order, which changes some comparisons, e.g.
+``Monday`` against ``\\text{Monday}``.)
 
     with RewardScorer(cfg) as scorer:          # workers start here, in the background
         batch = scorer.score(responses, golds, truncated=flags)
     batch.rewards, batch.reasons, batch.metrics
 
-:func:`compute_rewards` does the same with a pool that lives for one call (start-up ~1-2 s).
+:func:`compute_rewards` does the same with a pool that lives for one call (start-up ~2-3 s).
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ from megatron_t1.reward.penalties import DETECTORS, detect
 from megatron_t1.reward.pool import TaskResult, WorkerPool
 
 __all__ = ["REASONS", "RewardBatch", "RewardScorer", "compute_rewards"]
+
+# CPU a worker may spend on an answer beyond timeout_s before the parent calls it stuck: the
+# detectors and extraction run before the timer is armed (tens of ms on a 200k-character response).
+_CPU_MARGIN_S = 0.25
 
 REASONS = ("correct", "wrong", "no_answer", "too_complex", "timeout", "worker_died", "gold_unparsable",
            "error", *DETECTORS)
@@ -178,6 +183,7 @@ class RewardScorer:
         else:
             self._runner = WorkerPool(
                 _handle, num_workers=self.cfg.num_workers, wall_timeout_s=self.cfg.wall_guard_s,
+                cpu_timeout_s=self.cfg.timeout_s + _CPU_MARGIN_S, stall_timeout_s=self.cfg.stall_guard_s,
                 start_timeout_s=self.cfg.worker_start_timeout_s, init=_init_worker, init_args=(self.cfg,),
             )
 

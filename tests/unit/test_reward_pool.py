@@ -24,6 +24,9 @@ def _handler(task, cache, context):
     if kind == "sleep":  # no timer in this handler: only the parent's wall guard can stop it
         time.sleep(arg)
         return "slept"
+    if kind == "spin":  # computing, deaf to everything: what a worker stuck in a C call looks like
+        while True:
+            pass
     if kind == "die":
         os._exit(3)
     if kind == "raise":
@@ -72,6 +75,20 @@ def test_stuck_worker_is_killed_and_queued_tasks_rerun():
         assert pool.restarts == 1
         assert elapsed < 20  # 0.5 s guard + one respawn, not 60 s
         assert pool.run([("double", 5)])[0].value == 10  # the replacement works
+
+
+def test_guard_kills_computing_workers_early_and_idle_ones_at_the_stall_limit():
+    """Past the wall guard a worker is killed once it has burnt cpu_timeout_s on the task; one that
+    uses no CPU (sleeping here; stopped or blocked in practice) only at the stall guard."""
+    with _pool(wall_timeout_s=0.2, cpu_timeout_s=0.1, stall_timeout_s=1.5) as pool:
+        pool.wait_ready()
+        start = time.perf_counter()
+        assert pool.run([("spin", None)])[0].status == "timeout"
+        assert time.perf_counter() - start < 1.2
+        pool.wait_ready()
+        start = time.perf_counter()
+        assert pool.run([("sleep", 60)])[0].status == "timeout"
+        assert 1.5 <= time.perf_counter() - start < 10
 
 
 def test_dead_worker_is_replaced():
@@ -138,7 +155,7 @@ def test_start_failure_raises_and_close_is_idempotent():
 # the scorer on top of the pool
 # --------------------------------------------------------------------------------------------------
 
-FAST = RewardConfig(timeout_s=0.5, wall_guard_s=1.0)
+FAST = RewardConfig(timeout_s=0.5, wall_guard_s=1.0, stall_guard_s=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +167,8 @@ def scorer():
 
 def test_scorer_wall_guard_replaces_a_stuck_worker(scorer):
     """A stopped worker is what a worker stuck in a C call looks like from outside: it ignores
-    its SIGALRM. Its current answer scores 0 (timeout); everything else is scored normally."""
+    its timer and uses no CPU, so the stall guard takes it. Its current answer scores 0 (timeout);
+    everything else is scored normally."""
     scorer.wait_ready()
     os.kill(scorer.worker_pids[0], signal.SIGSTOP)
     batch = scorer.score(["Answer: C"] * 6, ["C"] * 6, truncated=[False] * 6)

@@ -173,13 +173,15 @@ def test_deterministic(scored):
 
 
 def test_adversarial_within_timeouts(scored):
-    """The batch ends within (timeouts x timeout / workers) + slack, and no worker had to be killed:
-    the per-answer SIGALRM and the size guard stopped every adversarial answer."""
+    """No worker had to be killed: the per-answer CPU timer and the size guard stopped every
+    adversarial answer (each costs at most timeout_s of CPU). Without them the batch runs for
+    minutes; the bound on wall time is loose because this machine is shared (bench/reward.py
+    measures the real cost)."""
     batch, _, seconds = scored
     timeouts = batch.metrics["reward/timeouts"]
     assert timeouts == sum(c[6] == "timeout" for c in CASES)
-    assert seconds < timeouts * CFG.wall_guard_s / CFG.num_workers + 5.0, seconds
     assert batch.metrics["reward/worker_restarts"] == 0
+    assert seconds < 60, seconds
 
 
 def test_metrics_count_every_detector_and_reason(scored):
