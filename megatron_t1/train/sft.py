@@ -112,6 +112,7 @@ def run_sft(cfg: Config) -> dict:
         f"{'resuming at step ' + str(start) if start else 'from step 0'}"
     )
     res = None
+    tokens_since_log = 0
     for step in range(start, cfg.run.train_steps):
         batch = global_batch_rows(rows, step, cfg.data.global_batch_size, cfg.data.seed)
         mbs = rank_microbatches(batch, ctx, cfg.data.micro_batch_size, pad_id)
@@ -125,11 +126,13 @@ def run_sft(cfg: Config) -> dict:
             micro_batch_size=cfg.data.micro_batch_size,
         )
         done = step + 1
+        tokens_since_log += res.tokens
         if res.skipped:
             logger.info(f"step {done}: non-finite gradient norm, update skipped")
         if done % cfg.log.interval == 0 or done == cfg.run.train_steps:
             scalars = {"loss": res.loss, "lr": res.lr, "grad_norm": res.grad_norm}
-            logger.step(done, scalars, tokens=res.tokens)
+            logger.step(done, scalars, tokens=tokens_since_log)
+            tokens_since_log = 0
         last = done == cfg.run.train_steps
         exit_now = cfg.run.exit_interval is not None and done % cfg.run.exit_interval == 0 and not last
         if last or exit_now or (cfg.checkpoint.save_interval and done % cfg.checkpoint.save_interval == 0):
