@@ -1,24 +1,26 @@
 """Benchmark: token log-prob + full-vocabulary entropy, naive vs chunked vs fused output layer.
 
-    python bench/logprobs.py                       # 4096 tokens x 32768 vocab, H = 1024, 3 rounds
+    python bench/logprobs.py                       # 4096 tokens x 32768 vocab, H = 1024, fp32, 3 rounds
     python bench/logprobs.py --tokens 1024 --vocab 8192 --hidden 256 --rounds 1   # quick look
+    python bench/logprobs.py --device cuda --dtype bf16 --tokens 16384 --vocab 151936 --hidden 5120
 
 Every measurement runs in a fresh subprocess (``--worker VARIANT``), so one variant's allocator state
-cannot hide another's peak. Peak memory is the process's resident-set high-water mark (VmHWM of
-/proc/self/status), reset just before the measured call by writing 5 to /proc/self/clear_refs; torch's
-CPU allocator is plain malloc, which neither tracemalloc nor torch.cuda.memory_* sees. "Extra peak" is
-that high-water mark minus the resident set after the inputs are built, i.e. everything the variant
-allocates (outputs and gradients included). Variants run alternately in each round (naive, chunked, ...)
-and the table reports the median time over rounds, so that load from other processes on a shared machine
-hits all variants alike. Errors are max |difference| to a float64 reference computed row block by row
-block (textbook log_softmax + softmax, autograd) after the measured call, in the first round.
+cannot hide another's peak. Peak memory on CPU is the process's resident-set high-water mark (VmHWM of
+/proc/self/status), reset just before the measured calls by writing 5 to /proc/self/clear_refs: torch's
+CPU allocator is plain malloc, which tracemalloc does not see and torch does not count. On CUDA it is
+torch.cuda.max_memory_allocated. "Extra peak" is that peak minus the memory held once the inputs are
+built, i.e. everything the variant allocates, outputs and gradients included. Variants run alternately in
+each round (naive, chunked, ...) and the table reports the median time over rounds, so that load from
+other processes on a shared machine hits all variants alike. Errors are max |difference| to a float64
+reference computed row block by row block (textbook log_softmax + softmax, autograd) after the timed
+calls, in the first round, on the same (possibly bf16) inputs.
 
-Variants (L = T x V x 4 bytes, the fp32 logits):
-  naive           log_softmax + gather + softmax entropy on materialised logits, forward and backward
-  chunked_nograd  token_logprobs_and_entropy under torch.no_grad (the anchor's pass)
+Variants (L = T x V x 4 bytes, the size of fp32 logits):
+  naive           log_softmax + gather + softmax entropy (in fp32) on materialised logits, fwd + bwd
   chunked         token_logprobs_and_entropy, forward and backward (the gradient itself is L)
-  naive_linear    logits = hidden @ weight^T, then naive (the unfused output layer), forward and backward
-  fused           fused_token_logprobs_and_entropy(hidden, weight), forward and backward
+  chunked_nograd  token_logprobs_and_entropy under torch.no_grad (the anchor's pass)
+  naive_linear    logits = hidden @ weight^T, then naive (the unfused output layer), fwd + bwd
+  fused           fused_token_logprobs_and_entropy(hidden, weight), fwd + bwd
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from megatron_t1.rl.logprobs import token_logprobs_and_entropy  # noqa: E402
 
 VARIANTS = ("naive", "chunked", "chunked_nograd", "naive_linear", "fused")
 LOGIT_STD = 3.0  # typical LM logits spread; keeps softmax neither flat nor one-hot
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def _status_kib(key: str) -> int:
@@ -51,9 +54,25 @@ def _status_kib(key: str) -> int:
     raise RuntimeError(f"{key} not in /proc/self/status")
 
 
-def _reset_peak() -> None:
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current resident set (Linux >= 4.0)
+class _Peak:
+    """Peak memory above the baseline at construction: CUDA allocator stats, or the RSS high-water mark."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current resident set (Linux >= 4.0)
+            self.base = _status_kib("VmRSS") * 1024
+
+    def extra_bytes(self) -> int:
+        if self.cuda:
+            torch.cuda.synchronize()
+            return torch.cuda.max_memory_allocated() - self.base
+        return _status_kib("VmHWM") * 1024 - self.base
 
 
 def _naive(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -62,19 +81,20 @@ def _naive(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, t
     return logp_all.gather(-1, targets.unsqueeze(-1)).squeeze(-1), -(probs * logp_all).sum(-1)
 
 
-def _inputs(args: argparse.Namespace, variant: str) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(1234)
-    t, v, h = args.tokens, args.vocab, args.hidden
+def _inputs(args: argparse.Namespace, variant: str, device: torch.device) -> dict[str, torch.Tensor]:
+    g = torch.Generator(device=device).manual_seed(1234)
+    t, v, h, dtype = args.tokens, args.vocab, args.hidden, DTYPES[args.dtype]
+    kw = dict(generator=g, device=device)
     out = {
-        "targets": torch.randint(0, v, (t,), generator=g),
-        "g_lp": torch.randn(t, generator=g),
-        "g_H": torch.randn(t, generator=g),
+        "targets": torch.randint(0, v, (t,), **kw),
+        "g_lp": torch.randn(t, **kw),
+        "g_H": torch.randn(t, **kw),
     }
     if variant in ("naive_linear", "fused"):
-        out["hidden"] = torch.randn(t, h, generator=g)
-        out["weight"] = torch.randn(v, h, generator=g) * (LOGIT_STD / h**0.5)
+        out["hidden"] = torch.randn(t, h, **kw).to(dtype)
+        out["weight"] = (torch.randn(v, h, **kw) * (LOGIT_STD / h**0.5)).to(dtype)
     else:
-        out["logits"] = torch.randn(t, v, generator=g) * LOGIT_STD
+        out["logits"] = (torch.randn(t, v, **kw) * LOGIT_STD).to(dtype)
     return out
 
 
@@ -133,38 +153,89 @@ def _errors(x: dict[str, torch.Tensor], out: dict[str, torch.Tensor], block: int
             err["grad_hidden"] = max(
                 err["grad_hidden"], (out["grad_hidden"][sl].double() - h64.grad).abs().max().item()
             )
+        del logp_all, logits64
     if "grad_weight" in out:
         err["grad_weight"] = (out["grad_weight"].double() - w64.grad).abs().max().item()
     return err
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def worker(args: argparse.Namespace) -> None:
+    device = torch.device(args.device)
     torch.set_num_threads(args.threads)
-    x = _inputs(args, args.worker)
-    x = {k: v.contiguous() for k, v in x.items()}
+    x = {k: v.contiguous() for k, v in _inputs(args, args.worker, device).items()}
     gc.collect()
-    _reset_peak()
-    rss0 = _status_kib("VmRSS")
-    times = []
-    out = None
-    for _ in range(args.reps):
-        out = None  # free the previous outputs and gradients before the next call
-        gc.collect()
-        t0 = time.perf_counter()
-        out = _run(args.worker, x, args.chunk_size)
-        times.append(time.perf_counter() - t0)
-    extra_kib = _status_kib("VmHWM") - rss0
+    peak = _Peak(device)
+    times, out = [], None
+    result: dict = {"variant": args.worker}
+    try:
+        for _ in range(args.reps):
+            out = None  # free the previous outputs and gradients before the next call
+            gc.collect()
+            _sync(device)
+            t0 = time.perf_counter()
+            out = _run(args.worker, x, args.chunk_size)
+            _sync(device)
+            times.append(time.perf_counter() - t0)
+    except torch.OutOfMemoryError:
+        out = None
+        result |= {"oom": True, "extra_peak_mib": peak.extra_bytes() / 2**20}
+        print("RESULT " + json.dumps(result))
+        return
     grads = [out[k] for k in ("grad_hidden", "grad_weight") if k in out]
-    input_grads = sum(g.numel() * g.element_size() for g in grads)
-    result = {
-        "variant": args.worker,
+    result |= {
         "time_s": min(times),
-        "extra_peak_mib": extra_kib / 1024,
-        "input_grads_mib": input_grads / 2**20,
+        "extra_peak_mib": peak.extra_bytes() / 2**20,
+        "input_grads_mib": sum(g.numel() * g.element_size() for g in grads) / 2**20,
     }
     if args.errors:
         result["errors"] = _errors(x, out)
     print("RESULT " + json.dumps(result))
+
+
+def _summarise(runs: dict[str, list[dict]], args: argparse.Namespace) -> None:
+    size_l = args.tokens * args.vocab * 4 / 2**20
+    summary = {}
+    for v, rs in runs.items():
+        ok = [r for r in rs if not r.get("oom")]
+        summary[v] = {
+            "oom": not ok,
+            "time_s": statistics.median(r["time_s"] for r in ok) if ok else float("nan"),
+            "extra_peak_mib": max(r["extra_peak_mib"] for r in rs),
+            "input_grads_mib": ok[0]["input_grads_mib"] if ok else 0.0,
+            "errors": ok[0].get("errors", {}) if ok else {},
+        }
+    base = {"chunked": "naive", "chunked_nograd": "naive", "fused": "naive_linear", "naive_linear": "naive"}
+    threads = f"{args.threads} CPU threads" if args.device == "cpu" else torch.cuda.get_device_name()
+    print(
+        f"\nlogits [{args.tokens}, {args.vocab}] {args.dtype}, L = T x V x 4 B = {size_l:.0f} MiB; hidden "
+        f"{args.hidden}; {args.device} ({threads}); torch {torch.__version__}; "
+        f"median of {args.rounds} rounds\n"
+    )
+    print(
+        "| variant | time s | time / baseline | extra peak MiB | extra / L | beyond input grads / L "
+        "| err logp | err H | err grad |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for v, s in summary.items():
+        b = base.get(v)
+        e = s["errors"]
+        if s["oom"]:
+            print(f"| {v} | OOM | - | > {s['extra_peak_mib']:.0f} | - | - | - | - | - |")
+            continue
+        ok_base = b in summary and not summary[b]["oom"]
+        ratio = f"{s['time_s'] / summary[b]['time_s']:.2f}x {b}" if ok_base else "-"
+        beyond = (s["extra_peak_mib"] - s["input_grads_mib"]) / size_l
+        g = max((e.get(k, 0.0) for k in ("grad", "grad_hidden", "grad_weight")), default=0.0)
+        print(
+            f"| {v} | {s['time_s']:.3f} | {ratio} | {s['extra_peak_mib']:.1f} | "
+            f"{s['extra_peak_mib'] / size_l:.3f} | {beyond:.3f} | {e.get('lp', float('nan')):.2e} | "
+            f"{e.get('H', float('nan')):.2e} | {g:.2e} |"
+        )
 
 
 def main() -> None:
@@ -172,6 +243,8 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=4096)
     p.add_argument("--vocab", type=int, default=32768)
     p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="logits / hidden / weight dtype")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--reps", type=int, default=2, help="calls per worker process; the fastest is kept")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
@@ -189,66 +262,24 @@ def main() -> None:
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     for r in range(args.rounds):
         for v in variants:
-            cmd = [
-                sys.executable,
-                __file__,
-                "--worker",
-                v,
-                "--tokens",
-                str(args.tokens),
-                "--vocab",
-                str(args.vocab),
-                "--hidden",
-                str(args.hidden),
-                "--reps",
-                str(args.reps),
-                "--threads",
-                str(args.threads),
-            ]
-            if args.chunk_size:
-                cmd += ["--chunk-size", str(args.chunk_size)]
-            if r == 0:
-                cmd.append("--errors")
+            cmd = (
+                [sys.executable, __file__, "--worker", v, "--errors"]
+                if r == 0
+                else [sys.executable, __file__, "--worker", v]
+            )
+            for flag in ("tokens", "vocab", "hidden", "dtype", "device", "reps", "threads", "chunk_size"):
+                value = getattr(args, flag)
+                if value is not None:
+                    cmd += ["--" + flag.replace("_", "-"), str(value)]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
             if proc.returncode or not lines:
                 sys.exit(f"worker {v} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")
-            runs[v].append(json.loads(lines[-1][len("RESULT ") :]))
-            print(
-                f"round {r} {v}: {runs[v][-1]['time_s']:.3f} s, {runs[v][-1]['extra_peak_mib']:.1f} MiB",
-                file=sys.stderr,
-            )
-
-    size_l = args.tokens * args.vocab * 4 / 2**20
-    summary = {}
-    for v, rs in runs.items():
-        summary[v] = {
-            "time_s": statistics.median(r["time_s"] for r in rs),
-            "extra_peak_mib": max(r["extra_peak_mib"] for r in rs),
-            "input_grads_mib": rs[0]["input_grads_mib"],
-            "errors": rs[0].get("errors", {}),
-        }
-    base = {"chunked": "naive", "chunked_nograd": "naive", "fused": "naive_linear", "naive_linear": "naive"}
-    print(
-        f"\nlogits [{args.tokens}, {args.vocab}] fp32, L = {size_l:.0f} MiB; hidden {args.hidden}; "
-        f"{args.threads} threads; torch {torch.__version__}; median of {args.rounds} rounds\n"
-    )
-    print(
-        "| variant | time s | time / baseline | extra peak MiB | extra / L | beyond input grads / L "
-        "| err logp | err H | err grad |"
-    )
-    print("|---|---|---|---|---|---|---|---|---|")
-    for v, s in summary.items():
-        b = base.get(v)
-        ratio = f"{s['time_s'] / summary[b]['time_s']:.2f}x {b}" if b in summary else "-"
-        beyond = (s["extra_peak_mib"] - s["input_grads_mib"]) / size_l
-        e = s["errors"]
-        g = max((e.get(k, 0.0) for k in ("grad", "grad_hidden", "grad_weight")), default=0.0)
-        print(
-            f"| {v} | {s['time_s']:.3f} | {ratio} | {s['extra_peak_mib']:.1f} | "
-            f"{s['extra_peak_mib'] / size_l:.3f} | {beyond:.3f} | {e.get('lp', float('nan')):.2e} | "
-            f"{e.get('H', float('nan')):.2e} | {g:.2e} |"
-        )
+            res = json.loads(lines[-1][len("RESULT ") :])
+            runs[v].append(res)
+            what = "OOM" if res.get("oom") else f"{res['time_s']:.3f} s"
+            print(f"round {r} {v}: {what}, {res['extra_peak_mib']:.1f} MiB", file=sys.stderr, flush=True)
+    _summarise(runs, args)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         raw = {"args": vars(args) | {"json": str(args.json)}, "runs": runs}
