@@ -15,7 +15,9 @@ without a box, missing answers, truncated (over-long), repetitive and garbled re
 Measured, each on a warm scorer (workers started, one unmeasured batch first):
   * the 2,028 ordinary responses, with the pool (target <= 10 s wall);
   * the same 2,028 in this process, no pool (single-process throughput);
-  * pool efficiency = pool throughput / (workers x single-process throughput) (target >= 0.8);
+  * pool efficiency = pool throughput / (workers x single-process throughput) (target >= 0.8),
+    and the same in CPU seconds (single-process CPU / (workers' + parent's CPU)), which load from
+    other processes on a shared machine does not distort;
   * the full 2,048 (ordinary + adversarial): its extra wall time over the ordinary batch (target
     <= 20 x timeout_s / workers + 2 s), and the 20 adversarial ones alone.
 Each round uses a fresh seed (answer strings differ, so no cache carries over); medians reported.
@@ -39,6 +41,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_t1.reward import RewardConfig, RewardScorer  # noqa: E402
+from megatron_t1.reward.pool import _process_cpu  # noqa: E402
 
 PMAT = "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}"
 # gold, equivalent forms (correct), look-alikes (wrong)
@@ -218,16 +221,20 @@ def main() -> None:
             adversarial = _subset(batch, batch[4])
             row = {"seed": r, "n_ordinary": len(ordinary[0]), "n_adversarial": len(adversarial[0]),
                    "chars_median": statistics.median(chars)}
-            t = time.perf_counter()
+            pids = pool.worker_pids
+            cpu0, parent0, t = sum(_process_cpu(p) for p in pids), time.process_time(), time.perf_counter()
             res = pool.score(ordinary[0], ordinary[1], truncated=ordinary[2])
             row["pool_ordinary_s"] = time.perf_counter() - t
+            row["pool_parent_cpu_s"] = time.process_time() - parent0
+            row["pool_workers_cpu_s"] = sum(_process_cpu(p) for p in pids) - cpu0
             n_lab, bad = _agreement(res.rewards, ordinary[3])
             row["disagree"] = dict(bad)
             row["labelled"] = n_lab
             row["reasons"] = dict(Counter(res.reasons))
-            t = time.perf_counter()
+            t, cpu0 = time.perf_counter(), time.process_time()
             single = local.score(ordinary[0], ordinary[1], truncated=ordinary[2])
             row["single_ordinary_s"] = time.perf_counter() - t
+            row["single_cpu_s"] = time.process_time() - cpu0
             row["same_as_pool"] = single.rewards == res.rewards
             t = time.perf_counter()
             full = pool.score(batch[0], batch[1], truncated=batch[2])
@@ -239,12 +246,14 @@ def main() -> None:
             row["adversarial_reasons"] = dict(Counter(adv.reasons))
             rows.append(row)
             print(f"round {r}: {json.dumps(row)}")
-    med = {k: statistics.median(r[k] for r in rows) for k in ("pool_ordinary_s", "single_ordinary_s",
-                                                               "pool_full_s", "pool_adversarial_only_s")}
+    keys = ("pool_ordinary_s", "single_ordinary_s", "pool_full_s", "pool_adversarial_only_s", "single_cpu_s",
+            "pool_parent_cpu_s", "pool_workers_cpu_s")
+    med = {k: statistics.median(r[k] for r in rows) for k in keys}
     n_ord = rows[0]["n_ordinary"]
     single_rate = n_ord / med["single_ordinary_s"]
     pool_rate = n_ord / med["pool_ordinary_s"]
     efficiency = pool_rate / (args.workers * single_rate)
+    cpu_efficiency = med["single_cpu_s"] / (med["pool_workers_cpu_s"] + med["pool_parent_cpu_s"])
     extra = med["pool_full_s"] - med["pool_ordinary_s"]
     budget = rows[0]["n_adversarial"] * cfg.timeout_s / args.workers + 2.0
     print()
@@ -254,6 +263,8 @@ def main() -> None:
     print(f"| {n_ord} ordinary, pool | {med['pool_ordinary_s']:.2f} s ({pool_rate:.0f}/s) | <= 10 s |")
     print(f"| {n_ord} ordinary, single process | {med['single_ordinary_s']:.2f} s ({single_rate:.0f}/s) | |")
     print(f"| pool efficiency = pool / ({args.workers} x single) | {efficiency:.2f} | >= 0.80 |")
+    print(f"| CPU s: single {med['single_cpu_s']:.2f}, pool workers {med['pool_workers_cpu_s']:.2f} + parent "
+          f"{med['pool_parent_cpu_s']:.2f}; CPU efficiency | {cpu_efficiency:.2f} | |")
     print(f"| full 2,048 with the adversarial ones, pool | {med['pool_full_s']:.2f} s | |")
     print(f"| extra wall time of the adversarial ones | {extra:.2f} s | <= {budget:.1f} s |")
     print(f"| the adversarial ones alone | {med['pool_adversarial_only_s']:.2f} s | |")
@@ -262,7 +273,7 @@ def main() -> None:
     print(f"| label disagreements | {[r['disagree'] for r in rows]} of {rows[0]['labelled']} | |")
     if args.json:
         out = {"rows": rows, "median": med, "startup_s": startup, "efficiency": efficiency,
-               "adversarial_extra_s": extra}
+               "cpu_efficiency": cpu_efficiency, "adversarial_extra_s": extra}
         Path(args.json).write_text(json.dumps(out, indent=1))
 
 
