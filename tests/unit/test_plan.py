@@ -1,0 +1,283 @@
+"""The memory planner against published Megatron figures, hand-computed 32B numbers, and its CLI.
+
+References written out plainly here: Korthikanti et al. 2022 (arXiv 2205.05198) Table 2 activation
+formulas; Megatron-Core's distributed-optimizer bytes-per-parameter table; Megatron-LM's
+theoretical_memory_usage.py parameter formula; Narayanan et al. 2021's GPT parameter count; the
+Qwen2.5-7B and GLM-4-9B model cards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from megatron_t1.config import load_config
+from megatron_t1.plan import (
+    GIB,
+    VLLM_ASLEEP_GIB,
+    VLLM_OVERHEAD_GIB,
+    PlanInputs,
+    count_parameters,
+    inputs_from_config,
+    kv_bytes_per_token,
+    layer_activation_bytes,
+    optimizer_bytes_per_param,
+    plan_memory,
+    rank_parameters,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((ROOT / "examples").glob("*/*.yaml"))
+
+
+def _gpt3(**kw) -> dict:
+    """GPT-3 175B layer (Korthikanti et al. Table 3): a=96, h=12288, s=2048, GELU MLP of 4h, dropout."""
+    base = dict(
+        s=2048,
+        b=1,
+        h=12288,
+        heads=96,
+        q_width=12288,
+        kv_width=12288,
+        ffn=4 * 12288,
+        swiglu=False,
+        attention="unfused",
+        hidden_dropout=True,
+        attention_dropout=True,
+        softmax_fp32=False,
+        rope_copies=False,
+    )
+    return base | kw
+
+
+# ---- published figures ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("t", [1, 2, 8])
+def test_activations_reduce_to_korthikanti_table2(t):
+    s, b, h, a = 2048, 1, 12288, 96
+    sbh = s * b * h
+    no_sp = sbh * (10 + 24 / t + 5 * a * s / (h * t))
+    with_sp = sbh / t * (34 + 5 * a * s / h)
+    assert layer_activation_bytes(**_gpt3(tp=t, sp=False)) == pytest.approx(no_sp, rel=1e-12)
+    assert layer_activation_bytes(**_gpt3(tp=t, sp=True)) == pytest.approx(with_sp, rel=1e-12)
+    assert layer_activation_bytes(**_gpt3(tp=t, sp=True, recompute="selective")) == pytest.approx(
+        34 * sbh / t, rel=1e-12
+    )
+    assert layer_activation_bytes(**_gpt3(tp=t, sp=True, recompute="full")) == 2 * sbh / t
+    assert layer_activation_bytes(**_gpt3(tp=t, sp=False, recompute="full")) == 2 * sbh
+    if t == 1:  # no parallelism: s*b*h*(34 + 5as/h)
+        assert layer_activation_bytes(**_gpt3()) == pytest.approx(sbh * (34 + 5 * a * s / h), rel=1e-12)
+
+
+def test_megatron_estimator_selective_sp_formula():
+    # megatron/training/theoretical_memory_usage.py: s*b*h*(18 + 4*f/h) per layer / t (selective + SP)
+    s, b, h, f, t = 4096, 2, 8192, 4 * 8192, 8
+    ours = layer_activation_bytes(
+        **_gpt3(s=s, b=b, h=h, heads=64, q_width=h, kv_width=h, ffn=f, tp=t, sp=True, recompute="selective")
+    )
+    assert ours == pytest.approx(s * b * h * (18 + 4 * f / h) / t, rel=1e-12)
+
+
+def test_optimizer_bytes_match_megatron_table():
+    for d in (1, 2, 8, 64):
+        bf16 = optimizer_bytes_per_param("bf16", True, d)
+        assert sum(bf16.values()) == pytest.approx(6 + 12 / d)
+        fp32 = optimizer_bytes_per_param("fp32", True, d)
+        assert sum(fp32.values()) == pytest.approx(8 + 8 / d)
+    assert sum(optimizer_bytes_per_param("bf16", False, 8).values()) == 18
+    assert sum(optimizer_bytes_per_param("fp32", False, 8).values()) == 16
+
+
+def _shape(path: str, **kw) -> PlanInputs:
+    return inputs_from_config(load_config(ROOT / path), nodes=kw.pop("nodes", 4), **kw)
+
+
+def test_parameter_counts_match_published_sizes():
+    q7 = count_parameters(_shape("examples/qwen2.5_7b/rl.yaml", nodes=1), padded=False)
+    assert round(q7.total / 1e9, 2) == 7.62 and round(q7.total / 1e9, 1) == 7.6  # card: 7.61B
+    assert round(q7.non_embedding / 1e9, 2) == 6.53  # card: 6.53B non-embedding
+    glm = count_parameters(_shape("examples/glm4_9b/rl.yaml", nodes=1), padded=False)
+    assert round(glm.total / 1e9, 2) == 9.40
+    # GPT-3 175B, Narayanan et al. 2021: P = 12 l h^2 (1 + 13/(12h) + (V + s)/(12 l h)), V=51200, s=2048;
+    # our count has no learned positions (RoPE models) and adds the final LayerNorm (2h).
+    l_, h, v, s = 96, 12288, 51200, 2048
+    gpt3 = PlanInputs(
+        num_layers=l_,
+        hidden=h,
+        ffn=4 * h,
+        heads=96,
+        groups=96,
+        head_dim=128,
+        vocab=v,
+        swiglu=False,
+        qkv_bias=True,
+        linear_bias=True,
+        layernorm=True,
+        tied=True,
+    )
+    narayanan = 12 * l_ * h**2 * (1 + 13 / (12 * h) + (v + s) / (12 * l_ * h))
+    assert count_parameters(gpt3, padded=False).total + s * h - 2 * h == pytest.approx(narayanan, rel=1e-12)
+    assert round(narayanan / 1e9, 1) == 174.6
+
+
+def test_parameter_count_is_megatron_formula_plus_qkv_bias():
+    x = _shape("examples/qwen2.5_32b/rl.yaml")
+    h, L, a, g, f = x.hidden, x.num_layers, x.heads, x.groups, x.ffn
+    q = a * x.head_dim
+    # theoretical_memory_usage.py (no biases): 2h^2 (1 + g/a) q/h + 2h (f * 3/2 + 1) per layer
+    per_layer = 2 * h * h * (1 + g / a) * (q / h) + 2 * h * (f * 1.5 + 1)
+    megatron = per_layer * L + h + 2 * h * x.vocab_padded
+    qkv_bias = L * (q + 2 * g * x.head_dim)
+    assert count_parameters(x).total - qkv_bias == pytest.approx(megatron, rel=1e-12)
+
+
+# ---- the 32B RL config, by hand ------------------------------------------------------------------
+
+
+def test_qwen32b_rl_plan_by_hand():
+    x = _shape("examples/qwen2.5_32b/rl.yaml", gpus_per_node=8, gpu_mem_gib=80)
+    h, f, L, V, t, pp, dp = 5120, 27648, 64, 152064, 8, 2, 2
+    q, kv, s = 5120, 1024, 17408
+    assert (x.tp, x.pp, x.dp, x.sp, x.recompute, x.mode) == (t, pp, dp, True, "full", "rl")
+    v_pad = -(-V // (128 * t)) * 128 * t
+    assert v_pad == 152576
+    sharded = h * (q + 2 * kv) + q * h + 3 * h * f + (q + 2 * kv)
+    n0 = 32 * (sharded / t + 2 * h) + v_pad * h / t
+    n1 = 32 * (sharded / t + 2 * h) + h + v_pad * h / t
+    assert rank_parameters(x, 0) == pytest.approx(n0) and rank_parameters(x, 1) == pytest.approx(n1)
+    assert round(n0 / 1e9, 3) == 2.048
+
+    stored = 2 * s * h / t  # full recompute: the layer input, split by SP
+    per_token_work = (
+        4 * 2 * h + 2 * (q + 2 * kv) + 2 * q + 2 * 2 * f + 2 * f + 2 * f + 2 * (q + kv) + 4 * 40
+    ) / t
+    work = per_token_work * s
+    tiles = 3 * 4 * (2**24 // (v_pad // t)) * (v_pad // t)
+    gib = GIB
+    fixed = 3 * gib + VLLM_ASLEEP_GIB * gib
+    stage0 = 16 * n0 + stored * 32 * 2 + work + fixed  # 2 B + 4 B + 12 B / DP 2 + 4 B (fp32 anchor) = 16 B
+    stage1 = 16 * n1 + stored * 32 * 1 + work + 2 * 2 * s * h / t + tiles + fixed
+    plan = plan_memory(x)
+    train = plan.phases[0]
+    assert plan.stage == (0 if stage0 > stage1 else 1)
+    assert train.total == pytest.approx(max(stage0, stage1), rel=1e-12)
+    assert train.get("optimizer states") == pytest.approx(6 * (n0 if plan.stage == 0 else n1))
+    assert train.get("anchor") == pytest.approx(4 * (n0 if plan.stage == 0 else n1))
+
+    total_params = L * (sharded + 2 * h) + h + 2 * V * h
+    assert plan.params_total == total_params and round(total_params / 1e9, 2) == 32.76
+    kv_tok = 2 * L * (8 / 4) * 128 * 2
+    assert kv_bytes_per_token(x) == kv_tok == 64 * 1024
+    kv_cache = 0.5 * 80 * gib - total_params * 2 / 4 - VLLM_OVERHEAD_GIB * gib
+    rollout = plan.phases[1]
+    assert rollout.get("vLLM KV cache") == pytest.approx(kv_cache)
+    assert plan.kv_concurrency == pytest.approx(kv_cache / (kv_tok * s))
+    assert rollout.total == pytest.approx(16 * n1 + 3 * gib + 0.5 * 80 * gib)
+    assert plan.fits and plan.peak == max(train.total, rollout.total)
+
+
+def test_every_example_loads_strictly_and_fits_its_cluster():
+    for path in EXAMPLES:
+        cfg = load_config(path)  # unknown keys would raise
+        if path.parent.name == "tiny_cpu":
+            continue
+        nodes = 4 if "32b" in path.parent.name else 1
+        x = inputs_from_config(cfg, nodes=nodes, gpus_per_node=8, gpu_mem_gib=79.6)
+        plan = plan_memory(x)
+        assert plan.fits, (path, plan.problems, plan.peak / GIB)
+        if x.mode == "rl":
+            assert x.engines_per_node * x.vllm_tp == 8 and plan.kv_concurrency >= 8, path
+
+
+def test_examples_are_t1_settings():
+    rl = load_config(ROOT / "examples/qwen2.5_32b/rl.yaml")
+    assert (rl.rollout.n_samples, rl.rollout.temperature, rl.rollout.prompts_per_step) == (64, 1.2, 32)
+    assert (rl.rollout.max_new_tokens, rl.optim.lr, rl.loss.kl_coef) == (16384, 1.5e-6, 2e-4)
+    assert (rl.parallel.tp, rl.parallel.pp, rl.rollout.engine) == (8, 2, "vllm")
+    sft = load_config(ROOT / "examples/qwen2.5_32b/sft.yaml")
+    assert (sft.optim.lr, sft.optim.lr_decay_style) == (1e-5, "cosine")
+    for name, groups in (("qwen2.5_7b", 4), ("glm4_9b", 2)):
+        for kind in ("sft", "rl"):
+            cfg = load_config(ROOT / f"examples/{name}/{kind}.yaml")
+            assert cfg.model.query_groups == groups and cfg.parallel.tp <= groups
+    glm = load_config(ROOT / "examples/glm4_9b/rl.yaml")
+    assert (glm.model.arch, glm.model.rotary_percent, glm.model.add_qkv_bias) == ("glm", 0.5, True)
+
+
+# ---- behaviour -----------------------------------------------------------------------------------
+
+
+def test_more_parallelism_or_recompute_never_costs_memory():
+    x = _shape("examples/qwen2.5_32b/sft.yaml")
+    peaks = [plan_memory(dataclasses.replace(x, recompute=r)).peak for r in ("none", "selective", "full")]
+    assert peaks[0] >= peaks[1] > peaks[2]
+    assert plan_memory(dataclasses.replace(x, tp=4, sp=True)).peak > plan_memory(x).peak
+    assert plan_memory(dataclasses.replace(x, nodes=8, global_batch=64)).peak < plan_memory(x).peak
+    assert plan_memory(dataclasses.replace(x, micro_batch=2)).peak > plan_memory(x).peak
+
+
+def _plan_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "megatron_t1.plan", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_cli_fits_prints_table_and_exit_0():
+    r = _plan_cli(
+        "--config", "examples/qwen2.5_32b/rl.yaml", "--nodes", "4", "--gpus-per-node", "8", "--gpu-mem", "80"
+    )
+    assert r.returncode == 0, r.stdout + r.stderr
+    for line in ("weights", "gradients", "optimizer states", "anchor", "activations", "vLLM KV cache"):
+        assert line in r.stdout
+    assert "verdict: fits" in r.stdout
+
+
+def test_cli_config_that_cannot_fit_explains_and_its_suggestion_fits():
+    args = [
+        "--config",
+        "examples/qwen2.5_32b/sft.yaml",
+        "--nodes",
+        "1",
+        "--gpus-per-node",
+        "8",
+        "--gpu-mem",
+        "80",
+        "--set",
+        "parallel.tensor_model_parallel_size=2",
+        "--set",
+        "parallel.pipeline_model_parallel_size=1",
+    ]
+    r = _plan_cli(*args)
+    assert r.returncode == 3, r.stdout + r.stderr
+    assert "verdict: DOES NOT FIT: train phase needs" in r.stdout and "largest: activations" in r.stdout
+    tries = [ln.split("try: ", 1)[1] for ln in r.stdout.splitlines() if "try: " in ln]
+    assert tries and any("tensor_model_parallel_size" in t or "recompute" in t for t in tries)
+    # applying the first suggestion makes it fit
+    sets = re.findall(r"([a-z_]+\.[a-z_]+=[\w.]+)", tries[0].split(": peak")[0])
+    fixed = _plan_cli(*args, *[a for s in sets for a in ("--set", s)], "--json")
+    assert fixed.returncode == 0 and json.loads(fixed.stdout)["fits"], fixed.stdout
+
+
+def test_cli_layout_larger_than_the_job_names_the_problem():
+    r = _plan_cli("--config", "examples/qwen2.5_32b/sft.yaml", "--nodes", "1")
+    assert r.returncode == 3
+    assert "TP x PP = 8 x 2 = 16 GPUs > 1 node(s) x 8 GPUs" in r.stdout and "try: --nodes 2" in r.stdout
+
+
+def test_cli_bad_config_is_one_line_exit_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {num_layers: 2, wrong_key: 1}\n")
+    r = _plan_cli("--config", str(bad))
+    assert r.returncode == 2 and "wrong_key" in r.stderr
