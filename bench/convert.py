@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -34,7 +35,7 @@ def _rss_bytes(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def worker(direction: str, src: str, dst: str, tp: int) -> None:
+def worker(direction: str, src: str, dst: str, tp: int, dtype: str | None) -> None:
     """Run one conversion after imports; print {"seconds", "peak_above_baseline", "baseline"}."""
     import torch
 
@@ -45,7 +46,7 @@ def worker(direction: str, src: str, dst: str, tp: int) -> None:
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (peak RSS) to the current RSS
     t0 = time.perf_counter()
     if direction == "hf-to-mcore":
-        hf_to_mcore(src, dst, tp=tp, progress=False)
+        hf_to_mcore(src, dst, tp=tp, dtype=dtype, progress=False)
     else:
         mcore_to_hf(src, dst, progress=False)
     seconds = time.perf_counter() - t0
@@ -121,10 +122,10 @@ def timed_cp(src: Path, dst: Path) -> tuple[float, float]:
     return t1, time.perf_counter() - t0
 
 
-def run_worker(direction: str, src: Path, dst: Path, tp: int) -> dict:
+def run_worker(direction: str, src: Path, dst: Path, tp: int, dtype: str = "none") -> dict:
     os.sync()
     out = subprocess.run(
-        [sys.executable, __file__, "--worker", direction, str(src), str(dst), str(tp)],
+        [sys.executable, __file__, "--worker", direction, str(src), str(dst), str(tp), dtype],
         check=True,
         capture_output=True,
         text=True,
@@ -147,43 +148,65 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", type=int, default=16, help="decoder layers (16: ~2.4 GB)")
     p.add_argument("--tp", type=int, default=2)
+    p.add_argument(
+        "--reps", type=int, default=3, help="repetitions (medians are reported: the page cache is noisy)"
+    )
+    p.add_argument(
+        "--dtype-path",
+        action="store_true",
+        help="also time HF -> mcore with --dtype fp32 (the tensor path: tensors pass through memory)",
+    )
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir, deleted)")
-    p.add_argument("--worker", nargs=4, metavar=("DIRECTION", "SRC", "DST", "TP"), help=argparse.SUPPRESS)
+    p.add_argument(
+        "--worker", nargs=5, metavar=("DIRECTION", "SRC", "DST", "TP", "DTYPE"), help=argparse.SUPPRESS
+    )
     args = p.parse_args()
     if args.worker:
-        direction, src, dst, tp = args.worker
-        worker(direction, src, dst, int(tp))
+        direction, src, dst, tp, dtype = args.worker
+        worker(direction, src, dst, int(tp), None if dtype == "none" else dtype)
         return
     root = Path(args.workdir or tempfile.mkdtemp(prefix="bench_convert_"))
     try:
         hf, total, largest = make_model(root, args.layers)
-        rows = []
-        cp1 = timed_cp(hf, root / "hf_copy")
-        r1 = run_worker("hf-to-mcore", hf, root / "mcore", args.tp)
-        cp2 = timed_cp(root / "mcore", root / "mcore_copy")
-        r2 = run_worker("mcore-to-hf", root / "mcore", root / "hf_out", args.tp)
-        ok = same_tensors(hf, root / "hf_out")
+        runs: dict[str, list[tuple[dict, tuple[float, float]]]] = {}
+        cases = [
+            ("HF -> mcore (TP=2)", hf, "mcore", "hf-to-mcore", "none"),
+            ("mcore -> HF", None, "hf_out", "mcore-to-hf", "none"),
+        ]
+        if args.dtype_path:
+            cases.append(("HF -> mcore, bf16->fp32", hf, "mcore32", "hf-to-mcore", "fp32"))
+        ok = True
+        for _ in range(args.reps):
+            for name, src, dst, direction, dtype in cases:
+                src = src or root / "mcore"
+                cp = timed_cp(src, root / "copy")
+                r = run_worker(direction, src, root / dst, args.tp, dtype)
+                runs.setdefault(name, []).append((r, cp, folder_bytes(src)))
+                shutil.rmtree(root / "copy")
+            ok = ok and same_tensors(hf, root / "hf_out")
+            for _, _, dst, _, _ in cases:
+                shutil.rmtree(root / dst)
         budget = 2 * largest + 0.3 * GB
-        for name, r, cp, size in (
-            ("HF -> mcore (TP=2)", r1, cp1, folder_bytes(hf)),
-            ("mcore -> HF", r2, cp2, folder_bytes(root / "mcore")),
-        ):
-            rows.append(
-                (name, size / GB, r["seconds"], cp[0], r["synced"], cp[1], r["peak_above_baseline"] / GB)
-            )
         print(
             f"model: {total / GB:.2f} GB bf16, {args.layers} layers, largest tensor {largest / GB:.3f} GB "
             f"(peak budget 2x + 0.3 = {budget / GB:.3f} GB); round trip bitwise identical: {ok}"
         )
-        print("page cache: output written, not yet on disk; +sync: until on disk (os.sync)")
         print(
-            f"{'direction':<20} {'in GB':>6} | {'page cache: s':>13} {'cp s':>6} {'x cp':>5} | "
+            f"medians of {args.reps} runs; page cache: output written, not yet on disk; +sync: until on disk"
+        )
+        print(
+            f"{'direction':<24} {'in GB':>6} | {'page cache: s':>13} {'cp s':>6} {'x cp':>5} | "
             f"{'+sync: s':>8} {'cp s':>6} {'x cp':>5} | {'peak GB':>7}"
         )
-        for n, gb, t, c, ts, cs, peak in rows:
+        med = statistics.median
+        for name, rs in runs.items():
+            t, c = med(r["seconds"] for r, _, _ in rs), med(cp[0] for _, cp, _ in rs)
+            ts, cs = med(r["synced"] for r, _, _ in rs), med(cp[1] for _, cp, _ in rs)
+            x, xs = med(r["seconds"] / cp[0] for r, cp, _ in rs), med(r["synced"] / cp[1] for r, cp, _ in rs)
+            peak = max(r["peak_above_baseline"] for r, _, _ in rs) / GB
             print(
-                f"{n:<20} {gb:6.2f} | {t:13.2f} {c:6.2f} {t / c:5.2f} | "
-                f"{ts:8.2f} {cs:6.2f} {ts / cs:5.2f} | {peak:7.3f}"
+                f"{name:<24} {rs[0][2] / GB:6.2f} | {t:13.2f} {c:6.2f} {x:5.2f} | "
+                f"{ts:8.2f} {cs:6.2f} {xs:5.2f} | {peak:7.3f}"
             )
         if not ok:
             sys.exit("round trip differs")

@@ -372,13 +372,19 @@ def _coalesce(part: torch.Tensor, row: torch.Tensor) -> list[RowSegment]:
     return [RowSegment(p, r if p >= 0 else 0, e - s) for s, e, p, r in zip(starts, ends, ps, rs)]
 
 
-def from_hf_row_plan(tm: TensorMap, d: Dims) -> list[RowSegment]:
+def from_hf_row_plan(tm: TensorMap, d: Dims, *, derive: bool = False) -> list[RowSegment]:
     """Where each row of the Megatron tensor comes from (``part``: index into ``tm.hf``).
 
-    Obtained by running the very layout code of :func:`from_hf` on row numbers instead of rows,
-    so the byte-copy fast path cannot disagree with the tensor path.
+    Derived by running the very layout code of :func:`from_hf` on row numbers instead of rows, so
+    the byte-copy fast path cannot disagree with the tensor path. ``copy`` / ``vocab`` / ``gated``
+    have closed forms (a vocabulary of 150k rows would otherwise cost a per-row pass); tests check
+    them against the derivation (``derive=True``).
     """
     sizes = [s[0] for s in expected_hf_shapes(tm, d)]
+    if not derive and tm.kind in ("copy", "vocab", "gated"):
+        segs = [RowSegment(j, 0, n) for j, n in enumerate(sizes) if n]
+        pad = tm.shape[0] - sum(sizes)
+        return segs + ([RowSegment(-1, 0, pad)] if pad > 0 else [])
     starts = [1 + sum(sizes[:j]) for j in range(len(sizes))]  # 0 is kept for "zero row"
     ids = _merge(tm, [torch.arange(n, dtype=torch.int64) + s for n, s in zip(sizes, starts)], d)
     bounds = torch.tensor(starts[1:], dtype=torch.int64)
@@ -387,8 +393,14 @@ def from_hf_row_plan(tm: TensorMap, d: Dims) -> list[RowSegment]:
     return _coalesce(part, row)
 
 
-def to_hf_row_plan(tm: TensorMap, d: Dims, rows: int) -> list[tuple[str, list[RowSegment]]]:
-    """For each HF tensor of ``tm``, the rows of the (``rows``-row) Megatron tensor it consists of."""
+def to_hf_row_plan(
+    tm: TensorMap, d: Dims, rows: int, *, derive: bool = False
+) -> list[tuple[str, list[RowSegment]]]:
+    """For each HF tensor of ``tm``, the rows of the (``rows``-row) Megatron tensor it consists of
+    (closed forms and derivation as in :func:`from_hf_row_plan`)."""
+    if not derive and tm.kind in ("copy", "vocab", "gated"):
+        n = {"copy": rows, "vocab": d.vocab, "gated": rows // 2}[tm.kind]
+        return [(name, [RowSegment(0, j * n, n)] if n else []) for j, name in enumerate(tm.hf)]
     ids = torch.arange(rows, dtype=torch.int64)
     return [(n, _coalesce(torch.zeros_like(x), x)) for n, x in zip(tm.hf, _split(tm, ids, d))]
 

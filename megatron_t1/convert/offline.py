@@ -35,7 +35,6 @@ from megatron_t1.convert.maps import (
     RowSegment,
     TensorMap,
     expected_hf_shapes,
-    from_hf,
     from_hf_row_plan,
     to_hf,
     to_hf_row_plan,
@@ -115,6 +114,41 @@ def _hf_ranges(reader: SafetensorsReader, tm: TensorMap, d: Dims) -> list[tuple[
     return out
 
 
+def _assemble_converted(
+    reader: SafetensorsReader,
+    tm: TensorMap,
+    d: Dims,
+    out_dtype: torch.dtype | None,
+    *,
+    chunk_bytes: int = 64 * 2**20,
+) -> torch.Tensor:
+    """The full Megatron tensor of ``tm`` in ``out_dtype``, built row range by row range (the row
+    plan) through a ``chunk_bytes`` buffer: memory is the output plus one chunk, not the inputs,
+    the merged tensor and its converted copy."""
+    entries = [reader.entry(h) for h in tm.hf]
+    dtype = out_dtype or entries[0].dtype
+    out = torch.empty(tm.shape, dtype=dtype)
+    rows = out.view(tm.shape[0], -1)
+    row_len = rows.shape[1]
+    pos = 0
+    for seg in from_hf_row_plan(tm, d):
+        if seg.part < 0:
+            rows[pos : pos + seg.rows].zero_()
+        else:
+            e = entries[seg.part]
+            row_bytes = row_len * e.dtype.itemsize
+            step = max(1, chunk_bytes // max(row_bytes, 1))
+            for i in range(0, seg.rows, step):
+                k = min(step, seg.rows - i)
+                tmp = torch.empty((k, row_len), dtype=e.dtype)
+                reader.read_into(
+                    tm.hf[seg.part], (seg.row + i) * row_bytes, tmp.view(-1).view(torch.uint8).numpy()
+                )
+                rows[pos + i : pos + i + k].copy_(tmp)
+        pos += seg.rows
+    return out
+
+
 def hf_to_mcore(
     hf_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -160,8 +194,7 @@ def hf_to_mcore(
                         )
                         bar.update(sum(r[2] for r in ranges))
                         continue
-                    full = from_hf(tm, [reader.get(h) for h in tm.hf], d)
-                    full = full.to(out_dtype) if out_dtype is not None else full
+                    full = _assemble_converted(reader, tm, d, out_dtype)
                     writer.add_tensor(key, full, layer=layer, num_layers=d.layers)
                     bar.update(full.numel() * full.element_size())
                     del full

@@ -29,8 +29,6 @@ output layer with ``allow_shape_mismatch``, so a checkpoint padded for one TP lo
 
 from __future__ import annotations
 
-import collections
-import contextlib
 import dataclasses
 import io
 import json
@@ -38,8 +36,6 @@ import math
 import os
 import pickle
 import re
-import struct
-import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -57,6 +53,7 @@ from torch.distributed.checkpoint.metadata import (
 from megatron_t1.convert.hf_io import copy_range, write_all
 from megatron_t1.convert.maps import ConvertError
 from megatron_t1.convert.sharding import layer_index
+from megatron_t1.convert.torch_records import FileView, RecordSplitter, no_crc32, raw_data_offset, write_zeros
 
 MODEL_PREFIX = "model."
 """Prefix of the model's keys (``mcore/checkpoint.py`` loads ``sharded_state_dict(prefix=...)``)."""
@@ -105,25 +102,6 @@ def mcore_name(key: str, layer: int | None, prefix: str = MODEL_PREFIX) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _no_crc32():
-    """Skip the CRC-32 that ``torch.save`` computes over every record (2-4x faster writes).
-
-    ``torch.load`` (and so DCP's and Megatron's readers) never checks it; this is torch's own
-    ``set_crc32_options(False)``, restored on exit. Only ``unzip -t`` of a record would complain.
-    """
-    get = getattr(torch.serialization, "get_crc32_options", None)
-    if get is None:  # torch < 2.6: always computes it
-        yield
-        return
-    old = get()
-    torch.serialization.set_crc32_options(False)
-    try:
-        yield
-    finally:
-        torch.serialization.set_crc32_options(old)
-
-
 class TorchDistWriter:
     """Append tensors and objects to a torch_dist checkpoint folder one at a time.
 
@@ -157,7 +135,7 @@ class TorchDistWriter:
         fh, rel = self._stream()
         start = fh.tell()
         if isinstance(payload, torch.Tensor):
-            with _no_crc32():
+            with no_crc32():
                 torch.save(payload, fh)
         else:
             fh.write(payload)
@@ -219,14 +197,15 @@ class TorchDistWriter:
         ranges of other files (``file=None``: zeros), copied in the kernel (``copy_file_range``).
 
         The record around the bytes is what ``torch.save`` writes for a tensor of this shape and
-        dtype, obtained by saving an untouched ``torch.empty`` into :class:`_RecordSplitter`.
+        dtype, obtained by saving an untouched ``torch.empty`` into
+        :class:`~megatron_t1.convert.torch_records.RecordSplitter`.
         """
         nbytes = math.prod(shape) * dtype.itemsize
         if sum(r[2] for r in ranges) != nbytes:
             raise ConvertError(f"{key}: byte ranges add up to {sum(r[2] for r in ranges)}, expected {nbytes}")
         chunk_shape, index = self._register(key, tuple(shape), dtype, layer, num_layers)
-        splitter = _RecordSplitter(nbytes)
-        with _no_crc32():
+        splitter = RecordSplitter(nbytes)
+        with no_crc32():
             torch.save(torch.empty(chunk_shape, dtype=dtype), splitter)
         head, tail = splitter.parts()
         fh, rel = self._stream()
@@ -236,7 +215,7 @@ class TorchDistWriter:
         write_all(fd, head)
         for path, off, n in ranges:
             if path is None:
-                _write_zeros(fd, n)
+                write_zeros(fd, n)
             else:
                 copy_range(path, off, n, fd, what=key)
         write_all(fd, tail)
@@ -283,86 +262,9 @@ class TorchDistWriter:
             self._fh = None
 
 
-class _RecordSplitter(io.RawIOBase):
-    """A write-only stream for ``torch.save`` that keeps everything but the one ``nbytes``-long
-    write of the tensor's data (miniz writes a stored record's data in a single call); with the
-    CRC off, the kept bytes do not depend on the data."""
-
-    def __init__(self, nbytes: int):
-        super().__init__()
-        self.nbytes = nbytes
-        self.head: list[bytes] = []
-        self.tail: list[bytes] = []
-        self.seen = 0
-        self.pos = 0
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, b) -> int:
-        n = memoryview(b).nbytes
-        if n == self.nbytes and n > 0 and not self.seen:
-            self.seen += 1  # the data itself: never read (it is an untouched torch.empty)
-        else:
-            (self.tail if self.seen else self.head).append(bytes(b))
-        self.pos += n
-        return n
-
-    def tell(self) -> int:
-        return self.pos
-
-    def parts(self) -> tuple[bytes, bytes]:
-        if self.seen != 1:
-            raise ConvertError("torch.save did not write the tensor data in one piece; cannot stream it")
-        return b"".join(self.head), b"".join(self.tail)
-
-
-def _write_zeros(fd: int, n: int) -> None:
-    zeros = bytes(min(n, 16 * 2**20))
-    while n > 0:
-        k = min(n, len(zeros))
-        write_all(fd, memoryview(zeros)[:k])
-        n -= k
-
-
 # --------------------------------------------------------------------------------------------------
 # Reading
 # --------------------------------------------------------------------------------------------------
-
-
-class _FileView(io.RawIOBase):
-    """A read-only window ``[offset, offset + length)`` of a file (for ``torch.load``)."""
-
-    def __init__(self, path: Path, offset: int, length: int):
-        super().__init__()
-        self._f = open(path, "rb", buffering=0)
-        self._start, self._len, self._pos = offset, length, 0
-
-    def readable(self) -> bool:
-        return True
-
-    def seekable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._pos
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        base = {0: 0, 1: self._pos, 2: self._len}[whence]
-        self._pos = max(0, min(self._len, base + pos))
-        return self._pos
-
-    def readinto(self, b) -> int:
-        n = min(len(b), self._len - self._pos)
-        if n <= 0:
-            return 0
-        got = os.preadv(self._f.fileno(), [memoryview(b)[:n]], self._start + self._pos)
-        self._pos += got
-        return got
-
-    def close(self) -> None:
-        self._f.close()
-        super().close()
 
 
 class TorchDistReader:
@@ -411,7 +313,7 @@ class TorchDistReader:
         path = self.dir / info.relative_path
         if not path.is_file():
             raise ConvertError(f"missing checkpoint file {path} (holds {key})")
-        with _FileView(path, info.offset, info.length) as view:
+        with FileView(path, info.offset, info.length) as view:
             t = torch.load(view, map_location="cpu", weights_only=True)
         if t.numel() != torch.Size(chunk.sizes).numel():
             raise ConvertError(
@@ -457,39 +359,13 @@ class TorchDistReader:
     def _raw_record(
         self, key: str, chunk: ChunkStorageMetadata, dtype: torch.dtype
     ) -> tuple[Path, int] | None:
-        """(file, byte offset) of a chunk's raw data when its record holds exactly the chunk,
-        contiguous and uncompressed (what our writer and Megatron's usually write), else None."""
+        """(file, byte offset) of a chunk's raw data when its record holds exactly the chunk."""
         info = self.storage.get((key, tuple(chunk.offsets)))
         if info is None or getattr(info, "transform_descriptors", None):
             return None
         path = self.dir / info.relative_path
-        try:
-            with _FileView(path, info.offset, info.length) as view:
-                zf = zipfile.ZipFile(view)
-                pkl = next(n for n in zf.namelist() if n.endswith("data.pkl"))
-                pkl_info = zf.getinfo(pkl)
-                if pkl_info.compress_type != zipfile.ZIP_STORED:
-                    return None
-                view.seek(_member_data_start(view, pkl_info))  # not zf.read: our records carry no CRC
-                probe = _probe_tensor_pickle(view.read(pkl_info.file_size))
-                if probe is None:
-                    return None
-                numel = torch.Size(chunk.sizes).numel()
-                size, stride, offset, storage_key, storage_numel = probe
-                contiguous = [math.prod(size[i + 1 :]) for i in range(len(size))]
-                if (
-                    offset != 0
-                    or storage_numel != numel
-                    or math.prod(size) != numel
-                    or (list(stride) != contiguous and numel > 1)
-                ):
-                    return None
-                rec = zf.getinfo(pkl[: -len("data.pkl")] + f"data/{storage_key}")
-                if rec.compress_type != zipfile.ZIP_STORED or rec.file_size != numel * dtype.itemsize:
-                    return None
-                return path, info.offset + _member_data_start(view, rec)
-        except (zipfile.BadZipFile, StopIteration, KeyError, OSError, pickle.UnpicklingError, struct.error):
-            return None
+        start = raw_data_offset(path, info.offset, info.length, torch.Size(chunk.sizes).numel(), dtype)
+        return None if start is None else (path, start)
 
     def raw_row_ranges(self, key: str, layer: int | None = None) -> list[tuple[int, int, Path, int]] | None:
         """The rows of ``key`` (or of ``key[layer]``) as ``(row0, row1, file, byte offset of row0)``
@@ -538,47 +414,6 @@ class TorchDistReader:
                 raise ConvertError(f"{self.dir}: {key} has {shape[0]} layers, layer {layer} requested")
             shape = shape[1:]
         return shape, md.properties.dtype
-
-
-def _member_data_start(view: io.RawIOBase, info: zipfile.ZipInfo) -> int:
-    """Offset of a stored zip member's data (after its local header, whose extra field pads it)."""
-    view.seek(info.header_offset)
-    header = view.read(30)
-    if header[:4] != b"PK\x03\x04":
-        raise zipfile.BadZipFile("bad local header")
-    name_len, extra_len = struct.unpack("<HH", header[26:30])
-    return info.header_offset + 30 + name_len + extra_len
-
-
-class _TensorProbe(pickle.Unpickler):
-    """Unpickles a torch.save ``data.pkl`` of a single plain tensor without touching its data."""
-
-    def find_class(self, module: str, name: str):
-        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return _capture_rebuild
-        if module == "torch" and name.endswith("Storage"):
-            return name
-        if (module, name) == ("collections", "OrderedDict"):
-            return collections.OrderedDict
-        raise pickle.UnpicklingError(f"unexpected {module}.{name}")
-
-    def persistent_load(self, pid):
-        return pid
-
-
-def _capture_rebuild(storage, storage_offset, size, stride, *args):
-    return ("tensor", storage, storage_offset, tuple(size), tuple(stride))
-
-
-def _probe_tensor_pickle(data: bytes):
-    """(size, stride, storage offset, storage key, storage numel) of a pickled tensor, or None."""
-    obj = _TensorProbe(io.BytesIO(data)).load()
-    if not (isinstance(obj, tuple) and obj and obj[0] == "tensor"):
-        return None
-    _, pid, offset, size, stride = obj
-    if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and pid[3] == "cpu"):
-        return None
-    return size, stride, offset, pid[2], pid[4]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -211,7 +211,10 @@ def test_row_plans_equal_the_tensor_path(arch):
             rows.append(src)
         full = M.from_hf(tm, parts, d)
         assert torch.equal(torch.cat(rows), full), tm.mcore
-        for name, segs in M.to_hf_row_plan(tm, d, full.shape[0]):
+        assert M.from_hf_row_plan(tm, d) == M.from_hf_row_plan(tm, d, derive=True), tm.mcore
+        plan = M.to_hf_row_plan(tm, d, full.shape[0])
+        assert plan == M.to_hf_row_plan(tm, d, full.shape[0], derive=True), tm.mcore
+        for name, segs in plan:
             got = torch.cat([full[s.row : s.row + s.rows] for s in segs])
             assert torch.equal(got, dict(M.to_hf(tm, full, d))[name]), name
 
