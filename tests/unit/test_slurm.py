@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -206,3 +208,36 @@ def test_launch_cli_prints_node_commands(tmp_path):
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith("[node ") and " torchrun " in ln]
     assert [ln.split("]")[0] for ln in lines] == ["[node 0 node001", "[node 1 node002"]
     assert "--node-rank=1" in lines[1] and "--nnodes=2" in lines[0]
+
+
+def test_usr1_before_the_time_limit_requeues_and_waits_for_srun(tmp_path):
+    """sbatch --signal=B:USR1@600 reaches the batch shell while srun runs: it asks Slurm to requeue
+    the job and keeps waiting for srun (whose exit status stays the job's)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fakes = {
+        "srun": "#!/bin/sh\nsleep 1.5\necho srun-finished\nexit 0\n",
+        "scontrol": '#!/bin/sh\nif [ "$1" = show ]; then echo node001; else echo "scontrol $*"; fi\n',
+    }
+    for name, text in fakes.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(_env(tmp_path), PATH=f"{bin_dir}:{env['PATH']}", SLURM_JOB_ID="77", SLURM_NNODES="1",
+               SLURM_JOB_NODELIST="node001", SLURM_JOB_NAME="t")  # fmt: skip
+    proc = subprocess.Popen(["bash", "slurm/rl_32b.sh"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        deadline = 10.0
+        job = tmp_path / "logs" / "t-77" / "job.txt"
+        while not (job.exists() and "srun:" in job.read_text()) and deadline > 0:
+            time.sleep(0.05)
+            deadline -= 0.05
+        proc.send_signal(signal.SIGUSR1)
+        out, _ = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert "requeueing job 77" in out and "scontrol requeue 77" in out and "srun-finished" in out
+    assert "exit 0" in job.read_text()
