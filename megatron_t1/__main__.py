@@ -41,6 +41,16 @@ def _cmd_sft(args) -> int:
     return 0
 
 
+def _cmd_rl(args) -> int:
+    from megatron_t1.config import load_config
+    from megatron_t1.train.rl import run_rl
+
+    cfg = load_config(args.config, args.overrides)
+    summary = run_rl(cfg)
+    _print_summary("rl", summary)
+    return 0
+
+
 def _cmd_demo(args) -> int:
     from megatron_t1.demo import run_demo
 
@@ -84,6 +94,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_config_args(p)
     p.set_defaults(func=_cmd_sft)
+
+    p = sub.add_parser(
+        "rl",
+        help="stage 2: T1 RL (K samples per prompt, rule reward, entropy bonus, dynamic anchor)",
+        description="T1 reinforcement learning on Megatron-Core with a rollout engine kept in sync. "
+        "Starts from checkpoint.init_from (an SFT or converted checkpoint); rerunning resumes.",
+        epilog="example: python -m megatron_t1 rl --config examples/tiny_cpu/rl.yaml "
+        "--set checkpoint.init_from=runs/demo/sft/checkpoints",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_rl)
 
     p = sub.add_parser(
         "demo",
