@@ -72,23 +72,10 @@ FUSED_TILE_ELEMENTS = 1 << 24
 """Logits per chunk tile of the RL log-prob / entropy on GPU (``megatron_t1.rl.logprobs``)."""
 
 __all__ = [
-    "GIB",
-    "Item",
-    "Phase",
-    "Plan",
-    "PlanInputs",
-    "add_arguments",
-    "count_parameters",
-    "format_plan",
-    "inputs_from_config",
-    "kv_bytes_per_token",
-    "layer_activation_bytes",
-    "optimizer_bytes_per_param",
-    "plan_memory",
-    "rank_parameters",
-    "run",
-    "suggest",
-]
+    "GIB", "Item", "Phase", "Plan", "PlanInputs", "add_arguments", "count_parameters", "format_plan",
+    "inputs_from_config", "kv_bytes_per_token", "layer_activation_bytes", "optimizer_bytes_per_param",
+    "plan_memory", "rank_parameters", "run", "suggest",
+]  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------
@@ -192,44 +179,20 @@ def inputs_from_config(
     if mode == "auto":
         mode = "rl" if cfg.rollout.engine == "vllm" else "sft"
     return PlanInputs(
-        num_layers=m.num_layers,
-        hidden=m.hidden_size,
-        ffn=m.ffn_hidden_size,
-        heads=m.num_attention_heads,
-        groups=m.query_groups,
-        head_dim=m.kv_channels or m.hidden_size // m.num_attention_heads,
-        vocab=m.vocab_size,
-        vocab_multiple=m.make_vocab_size_divisible_by,
-        swiglu=m.swiglu,
-        qkv_bias=m.add_qkv_bias or m.add_bias_linear,
-        linear_bias=m.add_bias_linear,
-        layernorm=m.normalization == "LayerNorm",
-        tied=m.tie_word_embeddings,
-        precision=m.precision,
-        tp=p.tp,
-        pp=p.pp,
-        vpp=p.virtual_pipeline_model_parallel_size,
-        sp=p.sequence_parallel,
-        dist_opt=p.use_distributed_optimizer,
-        micro_batch=d.micro_batch_size,
-        seq_length=d.seq_length,
-        global_batch=d.global_batch_size,
-        recompute=m.recompute,
-        attention=attention,  # type: ignore[arg-type]
-        mode=mode,  # type: ignore[arg-type]
-        anchor="ema" if cfg.anchor.ema is not None else "copy",
-        anchor_offload=cfg.anchor.offload_to_cpu,
-        fused_output_layer=cfg.loss.fused_output_layer,
-        chunk_size=cfg.loss.chunk_size,
-        vllm_util=cfg.rollout.gpu_memory_utilization,
-        vllm_tp=cfg.rollout.vllm_tensor_parallel_size,
-        engines_per_node=cfg.rollout.engines_per_node,
-        max_new_tokens=cfg.rollout.max_new_tokens,
-        nodes=nodes,
-        gpus_per_node=gpus_per_node,
-        gpu_mem_gib=gpu_mem_gib,
-        reserve_gib=reserve_gib,
-    )
+        num_layers=m.num_layers, hidden=m.hidden_size, ffn=m.ffn_hidden_size, heads=m.num_attention_heads,
+        groups=m.query_groups, head_dim=m.kv_channels or m.hidden_size // m.num_attention_heads,
+        vocab=m.vocab_size, vocab_multiple=m.make_vocab_size_divisible_by, swiglu=m.swiglu,
+        qkv_bias=m.add_qkv_bias or m.add_bias_linear, linear_bias=m.add_bias_linear,
+        layernorm=m.normalization == "LayerNorm", tied=m.tie_word_embeddings, precision=m.precision,
+        tp=p.tp, pp=p.pp, vpp=p.virtual_pipeline_model_parallel_size, sp=p.sequence_parallel,
+        dist_opt=p.use_distributed_optimizer, micro_batch=d.micro_batch_size, seq_length=d.seq_length,
+        global_batch=d.global_batch_size, recompute=m.recompute, attention=attention, mode=mode,
+        anchor="ema" if cfg.anchor.ema is not None else "copy", anchor_offload=cfg.anchor.offload_to_cpu,
+        fused_output_layer=cfg.loss.fused_output_layer, chunk_size=cfg.loss.chunk_size,
+        vllm_util=cfg.rollout.gpu_memory_utilization, vllm_tp=cfg.rollout.vllm_tensor_parallel_size,
+        engines_per_node=cfg.rollout.engines_per_node, max_new_tokens=cfg.rollout.max_new_tokens,
+        nodes=nodes, gpus_per_node=gpus_per_node, gpu_mem_gib=gpu_mem_gib, reserve_gib=reserve_gib,
+    )  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------------
@@ -492,8 +455,8 @@ def _stage_items(x: PlanInputs, stage: int) -> tuple[list[Item], list[Item], flo
         Item(
             "optimizer states",
             bpp["optimizer"] * n,
-            (f"{12 if x.precision == 'bf16' else 8} B (fp32 master, Adam m, v)"
-             + (f" / DP {x.dp}" if x.dist_opt else ", not sharded")) + f" x {pn}",
+            ("12 B (fp32 master, Adam m, v)" if x.precision == "bf16" else "8 B (Adam m, v)")
+            + (f" / DP {x.dp}" if x.dist_opt else ", not sharded") + f" x {pn}",
         ),
     ]
     if x.mode == "rl":
