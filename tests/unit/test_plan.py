@@ -281,3 +281,15 @@ def test_cli_bad_config_is_one_line_exit_2(tmp_path):
     bad.write_text("model: {num_layers: 2, wrong_key: 1}\n")
     r = _plan_cli("--config", str(bad))
     assert r.returncode == 2 and "wrong_key" in r.stderr
+
+
+def test_planner_and_launcher_need_no_torch_megatron_or_vllm():
+    script = (
+        "import sys\n"
+        "for m in ('torch', 'megatron', 'vllm'): sys.modules[m] = None\n"
+        "import megatron_t1.launch, megatron_t1.plan as p\n"
+        "sys.exit(p.main(['--config', 'examples/qwen2.5_7b/sft.yaml', '--nodes', '1', '--json']))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["fits"] is True
