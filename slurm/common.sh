@@ -104,8 +104,8 @@ t1_sets() {
 
 # ---- torchrun on every node -----------------------------------------------------------------------
 # t1_torchrun ARRAY_NAME: the torchrun launcher of this allocation. @NODE_RANK@ is replaced on each node
-# by its SLURM_NODEID (only known there). With the c10d rendezvous the agents agree on ranks through
-# MASTER_ADDR:MASTER_PORT; --node-rank keeps node 0 first for readable logs.
+# by its SLURM_NODEID (only known there). The agents meet at the c10d rendezvous on MASTER_ADDR:MASTER_PORT,
+# which assigns the ranks (torchrun reads --node-rank only for a static rendezvous; it names the logs).
 t1_torchrun() {
     local -n _cmd=$1
     _cmd=(torchrun
