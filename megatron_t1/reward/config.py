@@ -60,9 +60,12 @@ class RewardConfig:
     repetition_ngram: int = 12
     """n of the n-grams (tokens: ASCII words, digit runs, single other characters)."""
     repetition_threshold: float = 0.5
-    """Fires when 1 - unique/total n-grams exceeds this; a text repeated r times scores ~1 - 1/r.
-    Calibrated to zero false positives on the synthetic SFT traces (their "check: ..., correct"
-    lines repeat by design)."""
+    """Fires when 1 - unique/total n-grams exceeds this, over the whole response or any window; a
+    text repeated r times scores ~1 - 1/r. Calibrated to zero false positives on the synthetic SFT
+    traces (their "check: ..., correct" lines repeat by design; max 0.37) with loops at >= 0.64."""
+    repetition_window: int = 1000
+    """Window (in n-grams) over which the ratio is also taken, so a loop that fills only part of a
+    long response counts."""
     repetition_min_tokens: int = 200
     """Responses shorter than this many tokens are never flagged as repetitive."""
     garbage_enabled: bool = True
@@ -98,6 +101,7 @@ class RewardConfig:
         need(self.max_number_bits >= 0, "max_number_bits", ">= 0 (0 disables the guard)")
         need(self.repetition_ngram >= 1, "repetition_ngram", ">= 1")
         need(0.0 < self.repetition_threshold < 1.0, "repetition_threshold", "in (0, 1)")
+        need(self.repetition_window >= 4, "repetition_window", ">= 4")
         need(self.repetition_min_tokens >= self.repetition_ngram, "repetition_min_tokens",
              f">= repetition_ngram ({self.repetition_ngram})")
         need(self.garbage_max_replacement_chars >= 0, "garbage_max_replacement_chars", ">= 0")

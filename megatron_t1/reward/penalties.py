@@ -5,11 +5,13 @@ config threshold; :func:`detect` returns the names of those that fire, in a fixe
 first one becomes the response's reason. The penalty overrides correctness.
 
 * ``overlong``: the engine stopped the response at the generation limit (``truncated``).
-* ``repetition``: the repeated n-gram ratio ``1 - unique / total`` over the response's n-grams
-  exceeds a threshold. Text repeated r times scores ~``1 - 1/r``; honest self-verification
-  ("check: 422 - 385 = 37, correct" after each step) repeats words but not long n-grams, since the
-  numbers change. Tokens: ASCII words and digit runs (each at most 16 characters, so that
-  "0000...0" repeats too) and every other non-space character.
+* ``repetition``: the repeated n-gram ratio ``1 - unique / total`` exceeds a threshold, over the
+  whole response or over any window of ``repetition_window`` n-grams (windows start every quarter
+  window), so that a loop filling only part of a long response is caught too. Text repeated r
+  times scores ~``1 - 1/r``; honest self-verification ("check: 422 - 385 = 37, correct" after each
+  step) repeats words but few long n-grams, since the numbers change. Tokens: ASCII words and
+  digit runs (each at most 16 characters, so that "0000...0" repeats too) and every other
+  non-space character.
 * ``garbage``: replacement characters (U+FFFD: bytes that do not decode), control characters,
   too many writing systems, or words that mix alphabets inside the word.
 * ``perplexity``: the policy's mean token log-prob is below a threshold (T1's perplexity filter).
@@ -58,14 +60,23 @@ def tokenize(text: str) -> list[str]:
     return _TOKEN.findall(text)
 
 
-def repetition_ratio(text: str, n: int) -> tuple[float, int]:
-    """``(1 - unique/total, n_tokens)`` over the n-grams of :func:`tokenize`; 0 without n-grams."""
+def repetition_ratio(text: str, n: int, window: int | None = None) -> tuple[float, int]:
+    """``(ratio, n_tokens)``: ratio = 1 - unique/total over the n-grams of :func:`tokenize`, the
+    largest of the whole response's and (``window`` given) that of every window of ``window``
+    n-grams starting at multiples of ``window // 4``. 0 without n-grams."""
     tokens = tokenize(text)
-    total = len(tokens) - n + 1
-    if total <= 0:
+    # hash each n-gram once: sets of ints are much cheaper than sets of n-tuples (whose hash is
+    # recomputed on every insertion); a 64-bit collision would only lower the ratio slightly
+    grams = list(map(hash, zip(*(tokens[i:] for i in range(n)))))
+    total = len(grams)
+    if total == 0:
         return 0.0, len(tokens)
-    unique = len(set(zip(*(tokens[i:] for i in range(n)))))
-    return 1.0 - unique / total, len(tokens)
+    ratio = 1.0 - len(set(grams)) / total
+    if window is not None and total > window:
+        for start in range(0, total - window + window // 4, max(window // 4, 1)):
+            part = grams[start : start + window]
+            ratio = max(ratio, 1.0 - len(set(part)) / len(part))
+    return ratio, len(tokens)
 
 
 @dataclass(frozen=True)
@@ -131,7 +142,7 @@ def detect(
     if cfg.overlong_enabled and truncated:
         fired.append("overlong")
     if cfg.repetition_enabled:
-        ratio, n_tokens = repetition_ratio(response, cfg.repetition_ngram)
+        ratio, n_tokens = repetition_ratio(response, cfg.repetition_ngram, cfg.repetition_window)
         if n_tokens >= cfg.repetition_min_tokens and ratio > cfg.repetition_threshold:
             fired.append("repetition")
     if cfg.garbage_enabled and is_garbage(garbage_stats(response), cfg):

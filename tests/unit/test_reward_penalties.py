@@ -92,14 +92,25 @@ def test_tokenize_splits_long_runs():
     assert tokenize("的的") == ["的", "的"]
 
 
-@pytest.mark.parametrize("loop_fraction, fires", [(0.2, False), (0.4, False), (0.7, True), (0.95, True)])
-def test_repetition_fires_when_a_loop_dominates(loop_fraction, fires):
-    prefix = " ".join(f"Step {i}: we add {7 * i} and {3 * i} to get {10 * i}." for i in range(60))
-    n_prefix = len(tokenize(prefix))
+@pytest.mark.parametrize("loop_tokens, fires", [(200, False), (400, False), (700, True), (3000, True)])
+def test_repetition_fires_on_a_loop_inside_a_long_response(loop_tokens, fires):
+    """~3,000 tokens of distinct steps with a loop in the middle: a window of 1,000 n-grams around
+    the loop scores ~loop/1000, whatever the length of the rest."""
+    steps = [f"Step {i}: we add {7 * i} and {3 * i} to get {10 * i}." for i in range(200)]
     sentence = "So the value is the same as before, let me compute it again. "
-    n_loop = round(n_prefix * loop_fraction / (1 - loop_fraction) / len(tokenize(sentence)))
-    text = prefix + " " + sentence * n_loop
-    assert ("repetition" in _fires(text)) is fires, repetition_ratio(text, CFG.repetition_ngram)
+    loop = sentence * round(loop_tokens / len(tokenize(sentence)))
+    text = " ".join(steps[:100]) + " " + loop + " ".join(steps[100:])
+    whole, _ = repetition_ratio(text, CFG.repetition_ngram)
+    assert whole < CFG.repetition_threshold or loop_tokens >= 3000  # the whole-text ratio alone misses it
+    windowed, _ = repetition_ratio(text, CFG.repetition_ngram, CFG.repetition_window)
+    assert ("repetition" in _fires(text)) is fires, windowed
+
+
+def test_repetition_whole_response_catches_spread_out_copies():
+    """The same 1,500-token text three times: no window sees a repeat, the whole response does."""
+    essay = " ".join(f"Step {i}: we add {7 * i} and {3 * i} to get {10 * i}." for i in range(100))
+    assert repetition_ratio(essay, CFG.repetition_ngram, CFG.repetition_window)[0] < 0.05
+    assert _fires((essay + " ") * 3) == ("repetition",)
 
 
 @pytest.mark.parametrize("text", ["0" * 5000, "的" * 3000, "ha" * 3000, "\\left(" * 800])
