@@ -178,6 +178,8 @@ def inputs_from_config(
         nodes = max(1, -(-mp // gpus_per_node))
     if mode == "auto":
         mode = "rl" if cfg.rollout.engine == "vllm" else "sft"
+    # RL trains one row per kept response (megatron_t1/train/rl.py): prompts x k rows per step.
+    rows = cfg.rollout.prompts_per_step * (cfg.rollout.keep or cfg.rollout.n_samples)
     return PlanInputs(
         num_layers=m.num_layers, hidden=m.hidden_size, ffn=m.ffn_hidden_size, heads=m.num_attention_heads,
         groups=m.query_groups, head_dim=m.kv_channels or m.hidden_size // m.num_attention_heads,
@@ -186,7 +188,8 @@ def inputs_from_config(
         layernorm=m.normalization == "LayerNorm", tied=m.tie_word_embeddings, precision=m.precision,
         tp=p.tp, pp=p.pp, vpp=p.virtual_pipeline_model_parallel_size, sp=p.sequence_parallel,
         dist_opt=p.use_distributed_optimizer, micro_batch=d.micro_batch_size, seq_length=d.seq_length,
-        global_batch=d.global_batch_size, recompute=m.recompute, attention=attention, mode=mode,
+        global_batch=rows if mode == "rl" else d.global_batch_size, recompute=m.recompute,
+        attention=attention, mode=mode,
         anchor="ema" if cfg.anchor.ema is not None else "copy", anchor_offload=cfg.anchor.offload_to_cpu,
         fused_output_layer=cfg.loss.fused_output_layer, chunk_size=cfg.loss.chunk_size,
         vllm_util=cfg.rollout.gpu_memory_utilization, vllm_tp=cfg.rollout.vllm_tensor_parallel_size,
