@@ -35,16 +35,14 @@ def _rows_parquet(path: Path) -> Iterator[tuple[int, dict]]:
 
 
 def _rows_jsonl(path: Path) -> Iterator[tuple[int, dict]]:
-    with open(path, encoding="utf-8") as f:
-        line_no = 0
-        while True:
-            line_no += 1
+    # Binary mode, one line at a time: a bad byte is then reported on its own line (a text-mode
+    # reader decodes whole buffers and would blame an earlier line).
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
             try:
-                line = f.readline()
+                line = raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise DataError(f"{path}:{line_no}: not valid UTF-8 ({e.reason})") from None
-            if not line:
-                return
+                raise DataError(f"{path}:{line_no}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
             if not line.strip():
                 continue
             try:
