@@ -65,6 +65,12 @@ def _cmd_score(args) -> int:
     return run(args)
 
 
+def _cmd_plan(args) -> int:
+    from megatron_t1.plan import run
+
+    return run(args)
+
+
 def _print_summary(name: str, summary: dict) -> None:
     import os
 
@@ -117,6 +123,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1234, help="seed for data, init and sampling")
     p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test, low accuracy)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser(
+        "plan",
+        help="per-GPU memory estimate of a config (weights, grads, optimizer, anchor, activations, KV)",
+        description="Estimates per-GPU memory for a config and says what to change when it does not "
+        "fit. Exit code 0 when it fits, 3 when it does not.",
+        epilog="example: python -m megatron_t1 plan --config examples/qwen2.5_32b/rl.yaml "
+        "--gpus-per-node 8 --gpu-mem 80",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from megatron_t1.plan import add_arguments as _plan_args
+
+    _plan_args(p)
+    p.set_defaults(func=_cmd_plan)
 
     p = sub.add_parser(
         "score",
