@@ -70,7 +70,7 @@ class LossConfig:
     chunk by chunk, without materialising the [T, V] logits (``megatron_t1.rl.fused``)."""
     chunk_size: int | None = None
     """Tokens per chunk of the chunked log-prob / entropy (and fused output layer). None: automatic, about
-    2M logits per chunk on CPU and 16M on GPU, which keeps the extra memory to a few chunks."""
+    1M logits per chunk on CPU and 16M on GPU, which keeps the extra memory to a few chunks."""
 
     def __post_init__(self) -> None:
         s = "loss"

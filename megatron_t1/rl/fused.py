@@ -13,7 +13,9 @@ weight gradient is read and written once per row block rather than once per smal
 Tensor parallelism (Megatron's vocab-parallel output layer): ``hidden`` [T, H] is replicated on the ranks
 of ``tp_group`` and ``weight`` is the local shard [V_local, H]. The forward all-reduces the statistics,
 and the backward all-reduces dL/dhidden (what ``copy_to_tensor_model_parallel_region`` does in front of
-Megatron's ColumnParallelLinear): the caller must not add that region again.
+Megatron's ColumnParallelLinear): the caller must not add that region again. With sequence parallelism
+the caller gathers ``hidden`` with ``gather_from_sequence_parallel_region``, whose backward
+reduce-scatters (sums) the gradient already: pass ``reduce_hidden_grad=False`` then.
 
 Memory: no [T, V] tensor in forward or backward. Extra memory is two [C, Vb] fp32 tiles, plus, for bf16/
 fp16 inputs only, fp32 accumulators for the two gradients (so that the sum over many tiles is not
@@ -54,7 +56,7 @@ def tile_shape(
     chunk_size: int | None,
     vocab_chunk_size: int | None = None,
 ) -> tuple[int, int]:
-    """(rows, columns) of a logits tile: about 2M (CPU) / 16M (GPU) elements, or as given.
+    """(rows, columns) of a logits tile: about 1M (CPU) / 16M (GPU) elements, or as given.
 
     Without ``chunk_size`` the tile is roughly square (rows ~ columns ~ sqrt(budget)), which balances the
     traffic on the weight gradient (read once per row block) against that on the hidden gradient (once per
@@ -74,14 +76,23 @@ def tile_shape(
     return rows, max(1, min(v_valid, cols))
 
 
-def _tile_logits(h: Tensor, w: Tensor, out: Tensor, inv_tau: float) -> Tensor:
-    """z = (h @ w^T) / tau written into ``out`` [C, Vb] (matmul in the inputs' dtype, then ``out``'s)."""
+def _tile_logits(h: Tensor, w: Tensor, out: Tensor, inv_tau: float, shift: Tensor | None = None) -> Tensor:
+    """z = (h @ w^T) / tau - shift written into ``out`` [C, Vb] (matmul in the inputs' dtype).
+
+    ``shift`` [C] (optional) is subtracted from every row. For fp32/fp64 inputs scale and shift ride along
+    in the GEMM (addmm's alpha and input) instead of costing separate passes over the tile.
+    """
     if out.dtype == h.dtype:
-        torch.matmul(h, w.t(), out=out)
-    else:
-        out.copy_(h @ w.t())
+        if shift is None:
+            torch.addmm(out, h, w.t(), beta=0.0, alpha=inv_tau, out=out)
+        else:
+            torch.addmm(-shift.unsqueeze(-1), h, w.t(), alpha=inv_tau, out=out)
+        return out
+    out.copy_(h @ w.t())
     if inv_tau != 1.0:
         out.mul_(inv_tau)
+    if shift is not None:
+        out.sub_(shift.unsqueeze(-1))
     return out
 
 
@@ -89,7 +100,9 @@ class _FusedLinearLogprobEntropy(torch.autograd.Function):
     """(log pi(y), H) of logits = hidden [N, H] @ weight [V_local, H]^T, tiled; see the module docstring."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, tp_group, vocab_size, chunk_size, vocab_chunk, temperature):
+    def forward(
+        ctx, hidden, weight, targets, tp_group, vocab_size, chunk_size, vocab_chunk, temperature, reduce_h
+    ):
         n = hidden.shape[0]
         shard = vocab_shard(weight.shape[0], tp_group, vocab_size)
         cd = compute_dtype(hidden.dtype)
@@ -120,7 +133,8 @@ class _FusedLinearLogprobEntropy(torch.autograd.Function):
             m, s, w, z_target = allreduce_stats(m, s, w, z_target, tp_group)
         logp, ent, lse, _ = finish_stats(m, s, w, z_target)
         ctx.save_for_backward(hidden, weight, cols, owned, lse, ent)
-        ctx.shard, ctx.tile, ctx.inv_tau, ctx.tp_group = shard, (rows, vb), inv_tau, tp_group
+        ctx.shard, ctx.tile, ctx.inv_tau = shard, (rows, vb), inv_tau
+        ctx.reduce_group = tp_group if reduce_h else None
         ctx.set_materialize_grads(False)
         return logp, ent
 
@@ -130,7 +144,7 @@ class _FusedLinearLogprobEntropy(torch.autograd.Function):
         shard, (rows, vb), inv_tau = ctx.shard, ctx.tile, ctx.inv_tau
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         if (g_lp is None and g_H is None) or not (need_h or need_w):
-            return (None,) * 8
+            return (None,) * 9
         n, cd = hidden.shape[0], lse.dtype
         a, b, c = grad_coefficients(g_lp, g_H, ent, inv_tau, lse)
         # Accumulate in the compute dtype; for fp32/fp64 inputs these are the returned gradients themselves.
@@ -144,8 +158,7 @@ class _FusedLinearLogprobEntropy(torch.autograd.Function):
             for v0 in range(0, shard.valid, vb):
                 v1 = min(shard.valid, v0 + vb)
                 tile = scratch(bufs[0], r1 - r0, v1 - v0)
-                logp = _tile_logits(h, weight[v0:v1], tile, inv_tau)
-                logp.sub_(lse[r0:r1].unsqueeze(-1))
+                logp = _tile_logits(h, weight[v0:v1], tile, inv_tau, shift=lse[r0:r1])  # log p
                 in_tile = owned[r0:r1] & (cols[r0:r1] >= v0) & (cols[r0:r1] < v1)
                 tile_cols = (cols[r0:r1] - v0).clamp(0, v1 - v0 - 1)
                 p = scratch(bufs[1], r1 - r0, v1 - v0)
@@ -163,14 +176,14 @@ class _FusedLinearLogprobEntropy(torch.autograd.Function):
                         grad_w[v0:v1] += (g_in.t() @ h).to(cd)
                 del g_in
         del bufs
-        if need_h and ctx.tp_group is not None:
+        if need_h and ctx.reduce_group is not None:
             # hidden is replicated across the TP ranks: its gradient is the sum of every shard's part.
-            dist.all_reduce(grad_h, op=dist.ReduceOp.SUM, group=ctx.tp_group)
+            dist.all_reduce(grad_h, op=dist.ReduceOp.SUM, group=ctx.reduce_group)
         if need_h and grad_h.dtype != hidden.dtype:
             grad_h = grad_h.to(hidden.dtype)
         if need_w and grad_w.dtype != weight.dtype:
             grad_w = grad_w.to(weight.dtype)
-        return grad_h, grad_w, None, None, None, None, None, None
+        return grad_h, grad_w, None, None, None, None, None, None, None
 
 
 def fused_token_logprobs_and_entropy(
@@ -183,6 +196,7 @@ def fused_token_logprobs_and_entropy(
     chunk_size: int | None = None,
     vocab_chunk_size: int | None = None,
     temperature: float = 1.0,
+    reduce_hidden_grad: bool = True,
 ) -> tuple[Tensor, Tensor]:
     """Log pi(target) and full-vocabulary entropy of softmax(hidden @ weight^T / tau), logits never built.
 
@@ -198,9 +212,11 @@ def fused_token_logprobs_and_entropy(
         tp_group: tensor-parallel group holding the other vocabulary shards, or None. The gradient of
             ``hidden`` is all-reduced over it in backward.
         vocab_size: real vocabulary size; padded ids >= vocab_size are masked out. None: no padding.
-        chunk_size: tokens per tile; None picks a square-ish tile of about 2M (CPU) / 16M (GPU) logits.
+        chunk_size: tokens per tile; None picks a square-ish tile of about 1M (CPU) / 16M (GPU) logits.
         vocab_chunk_size: vocabulary columns per tile; None: the rest of that budget.
         temperature: tau > 0.
+        reduce_hidden_grad: all-reduce dL/dhidden over ``tp_group`` in backward (False: return this
+            rank's partial sum, for an input region that sums it itself, e.g. sequence parallelism).
 
     Returns:
         (logprobs, entropy): [...] float32 (float64 for float64 inputs), differentiable with respect to
@@ -223,5 +239,6 @@ def fused_token_logprobs_and_entropy(
         chunk_size,
         vocab_chunk_size,
         float(temperature),
+        reduce_hidden_grad,
     )
     return logp.view(targets.shape), ent.view(targets.shape)

@@ -76,6 +76,16 @@ def _ranks_check(rank: int, world: int) -> dict:
         errors["fused entropy"] = _close(ent_tp, ent, 1e-12, "fused entropy")
         errors["fused grad hidden"] = _close(hs.grad, h.grad, 1e-12, "fused grad hidden")
         errors["fused grad weight"] = _close(ws.grad, w.grad[rows], 1e-12, "fused grad weight")
+        # Sequence-parallel callers sum the hidden gradient in their own region: partial sums come back.
+        hp = hidden.clone().requires_grad_(True)
+        lp_p, ent_p = fused_token_logprobs_and_entropy(
+            hp, weight[rows], targets, tp_group=group, reduce_hidden_grad=False, **kw
+        )
+        (lp_p * g_lp + ent_p * g_h).sum().backward()
+        partial = hp.grad.clone()
+        dist.all_reduce(partial, group=group)
+        errors["fused partial grad hidden"] = _close(partial, h.grad, 1e-12, "fused partial grad hidden")
+        assert (hp.grad - h.grad).abs().max() > 1e-3, "reduce_hidden_grad=False must not reduce"
     finally:
         dist.destroy_process_group()
     return errors
@@ -83,4 +93,4 @@ def _ranks_check(rank: int, world: int) -> dict:
 
 def test_vocab_parallel_equals_single_process():
     results = run_ranks(_ranks_check, world=2, timeout=35)
-    assert len(results) == 2 and all(len(r) == 13 for r in results)
+    assert len(results) == 2 and all(len(r) == 14 for r in results)

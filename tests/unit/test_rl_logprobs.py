@@ -103,6 +103,8 @@ def test_out_of_range_targets_are_finite_and_shapes_checked():
         token_logprobs_and_entropy(logits, targets, vocab_size=22)
     with pytest.raises(ValueError, match="temperature"):
         token_logprobs_and_entropy(logits, targets, temperature=0.0)
+    with pytest.raises(ValueError, match="without a copy"):
+        token_logprobs_and_entropy(logits.transpose(0, 1), targets.t())
 
 
 def test_vocab_shard_convention():
