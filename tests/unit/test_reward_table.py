@@ -25,7 +25,7 @@ T1_TRACE = (
     "check: 337 + 48 = 385, correct\n337 + 27 = 364\ncheck: 364 - 27 = 337, correct\n"
     "</think>\nThe answer is \\boxed{364}."
 )
-# ~1,300 tokens of distinct steps: dilutes the 600 parentheses below the repetition threshold
+# ~1,300 tokens of distinct steps: the 600 parentheses after them are only 30% of the response
 STEPS = " ".join(f"Step {i}: adding {7 * i} and {3 * i} gives {10 * i}." for i in range(100))
 PMAT = "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}"
 
@@ -119,8 +119,11 @@ CASES = [
     ("tower-gold-as-text", "\\boxed{2^{2^{30}}}", "2^{2^{30}}", False, None, 1.0, "correct"),
     ("nested-parens-100k", PROSE + f"\\boxed{{{NESTED}}}", "1", False, None, -1.0, "repetition"),
     ("expand-timeout", "\\boxed{(x+y+z+1)^{40}}", "3", False, None, 0.0, "timeout"),
-    ("nested-parens-300", STEPS + "\\boxed{" + "(" * 300 + "1" + ")" * 300 + "}", "1", False, None, 0.0,
-     "timeout"),
+    ("expand-timeout-2", "\\boxed{(a+b+c+d+e+1)^{25}}", "3", False, None, 0.0, "timeout"),
+    ("product-timeout", "\\boxed{\\prod_{k=1}^{10^{6}} k}", "3", False, None, 0.0, "timeout"),
+    # 600 parentheses dominate a window of the response: degenerate output, penalised before parsing
+    ("nested-parens-300", STEPS + "\\boxed{" + "(" * 300 + "1" + ")" * 300 + "}", "1", False, None, -1.0,
+     "repetition"),
     # --- penalties (override correctness) --------------------------------------------------------
     ("overlong-correct", "So the total is \\boxed{364}.", "364", True, None, -1.0, "overlong"),
     ("overlong-no-answer", PROSE * 3, "364", True, None, -1.0, "overlong"),
