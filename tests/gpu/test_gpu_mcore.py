@@ -67,7 +67,9 @@ def _train(cfg, steps):
     opt, sched = build_optimizer(cfg, chunks)
     mbs = _batch(cfg, ctx.device)
     losses = [
-        train_step(chunks, opt, sched, sft_forward_step, mbs, seq_length=cfg.data.seq_length, micro_batch_size=4).loss
+        train_step(
+            chunks, opt, sched, sft_forward_step, mbs, seq_length=cfg.data.seq_length, micro_batch_size=4
+        ).loss
         for _ in range(steps)
     ]
     return losses, chunks, opt, sched
@@ -108,7 +110,9 @@ def test_checkpoint_round_trip_on_gpu(tmp_path):
     assert b == pytest.approx(a, rel=1e-3)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("transformer_engine") is None, reason="TransformerEngine not installed")
+@pytest.mark.skipif(
+    importlib.util.find_spec("transformer_engine") is None, reason="TransformerEngine not installed"
+)
 def test_transformer_engine_spec_is_used_and_learns(tmp_path):
     from megatron_t1.mcore.model import te_available
 

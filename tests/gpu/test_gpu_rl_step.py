@@ -14,8 +14,15 @@ import pytest
 pytestmark = pytest.mark.gpu
 
 QWEN05 = dict(
-    num_layers=24, hidden_size=896, ffn_hidden_size=4864, num_attention_heads=14, num_query_groups=2,
-    vocab_size=151936, tie_word_embeddings=True, max_position_embeddings=4096, rope_theta=1e6,
+    num_layers=24,
+    hidden_size=896,
+    ffn_hidden_size=4864,
+    num_attention_heads=14,
+    num_query_groups=2,
+    vocab_size=151936,
+    tie_word_embeddings=True,
+    max_position_embeddings=4096,
+    rope_theta=1e6,
     precision="bf16",
 )
 
@@ -41,7 +48,7 @@ def test_one_rl_step_qwen05_shape(tmp_path):
             "rollout": {"n_samples": k, "temperature": 1.2},
         }
     )
-    ctx = init_parallel(cfg.parallel, seed=3, device="cuda")
+    init_parallel(cfg.parallel, seed=3, device="cuda")
     chunks = build_model(cfg)
     opt, sched = build_optimizer(cfg, chunks)
     anchor = AnchorStore(chunks, cfg.anchor)  # EMA 0.99, fp32
@@ -61,8 +68,10 @@ def test_one_rl_step_qwen05_shape(tmp_path):
         out = []
         for s in range(0, n, 4):
             b = {
-                "tokens": toks[s : s + 4, :-1].cuda(), "labels": toks[s : s + 4, 1:].cuda(),
-                "loss_mask": mask[s : s + 4].cuda(), "position_ids": torch.arange(seq).expand(4, seq).cuda(),
+                "tokens": toks[s : s + 4, :-1].cuda(),
+                "labels": toks[s : s + 4, 1:].cuda(),
+                "loss_mask": mask[s : s + 4].cuda(),
+                "position_ids": torch.arange(seq).expand(4, seq).cuda(),
                 "attention_mask": None,
             }
             if adv is not None:
@@ -82,12 +91,21 @@ def test_one_rl_step_qwen05_shape(tmp_path):
     adv = t1_advantages(rewards.cuda(), kl, beta=cfg.loss.kl_coef).reshape(-1)
     G = int(mask.sum())
     res = train_step(
-        chunks, opt, sched,
+        chunks,
+        opt,
+        sched,
         lambda it, m: rl_forward_step(
-            it, m, loss_config=cfg.loss, temperature=1.2, vocab_size=cfg.model.vocab_size,
-            global_num_tokens=G, global_num_seqs=None,
+            it,
+            m,
+            loss_config=cfg.loss,
+            temperature=1.2,
+            vocab_size=cfg.model.vocab_size,
+            global_num_tokens=G,
+            global_num_seqs=None,
         ),
-        mbs(adv), seq_length=seq, micro_batch_size=4,
+        mbs(adv),
+        seq_length=seq,
+        micro_batch_size=4,
     )
     peak = torch.cuda.max_memory_allocated() / 2**30
     assert not res.skipped and torch.isfinite(torch.tensor(res.loss)) and res.grad_norm > 0
@@ -96,5 +114,7 @@ def test_one_rl_step_qwen05_shape(tmp_path):
     assert anchor.update(1) == "ema"
     moved = max(float((a - b).abs().max()) for a, b in zip(anchor.tensors[:4], before))
     assert moved > 0
-    print(f"rl step: loss {res.loss:.4f} grad_norm {res.grad_norm:.3f} entropy {res.metrics['entropy']:.3f} "
-          f"peak {peak:.1f} GiB tokens {G}")
+    print(
+        f"rl step: loss {res.loss:.4f} grad_norm {res.grad_norm:.3f} entropy {res.metrics['entropy']:.3f} "
+        f"peak {peak:.1f} GiB tokens {G}"
+    )
