@@ -192,7 +192,8 @@ def main() -> None:
             f"(peak budget 2x + 0.3 = {budget / GB:.3f} GB); round trip bitwise identical: {ok}"
         )
         print(
-            f"medians of {args.reps} runs; page cache: output written, not yet on disk; +sync: until on disk"
+            f"medians of {args.reps} runs (load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores); "
+            "page cache: output written, not yet on disk; +sync: until on disk"
         )
         print(
             f"{'direction':<24} {'in GB':>6} | {'page cache: s':>13} {'cp s':>6} {'x cp':>5} | "

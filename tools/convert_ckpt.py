@@ -6,8 +6,9 @@
     python tools/convert_ckpt.py verify --hf-dir Qwen2.5-32B --mcore-dir ckpt/qwen32b --tp 2
 
 Supported HF architectures: Qwen2ForCausalLM, LlamaForCausalLM, GlmForCausalLM. Conversion streams
-tensor by tensor (memory: about the largest tensor twice) and writes into a temporary folder that is
-renamed at the end. The logic lives in megatron_t1.convert (pure) and megatron_t1.mcore.convert_io.
+tensor by tensor (bytes are copied file to file unless --dtype changes them; then one tensor at a
+time is in memory) and writes into a temporary folder renamed at the end. The logic lives in
+megatron_t1.convert (pure, no megatron import) and megatron_t1.mcore.convert_io (verify).
 """
 
 from __future__ import annotations

@@ -5,7 +5,9 @@ allocated tensor, so a read costs exactly that tensor's bytes. (``safe_open`` me
 the pages it touches count in the process's RSS until the file is closed, so converting a 20 GB
 shard would look like a 20 GB process.) :class:`SafetensorsShardWriter` writes a *planned* list of
 tensors (names, shapes and dtypes known up front, so each shard's header is written first and the
-data streamed after it). Nothing here holds more than the tensor in hand.
+data streamed after it), either from tensors or as byte ranges of other files (:func:`copy_range`,
+``copy_file_range``: the bytes never enter the process). Nothing here holds more than the tensor
+in hand.
 """
 
 from __future__ import annotations

@@ -1,10 +1,16 @@
 """Offline conversion HF folder <-> Megatron torch_dist checkpoint, streaming and atomic.
 
 Both directions walk the model one *full Megatron tensor* at a time (the maps of
-:mod:`megatron_t1.convert.maps`): read its HF parts (or its checkpoint chunks), transform, write,
-drop. Peak memory is about the largest tensor's inputs plus its output, whatever the model size.
-Output goes to a temporary sibling folder renamed at the very end (:func:`atomic_output_dir`).
+:mod:`megatron_t1.convert.maps`). Every map only reorders whole rows (QKV grouping, gate/up,
+vocabulary padding), so a tensor is a list of row ranges of its sources (the *row plan*):
 
+* same dtype on both sides (the usual case): the bytes go file to file with ``copy_file_range``,
+  as ``cp`` does, never entering this process (memory: a few MB whatever the model size);
+* a dtype change (``--dtype``), or checkpoint chunks that are not plain rows (Megatron's
+  row-parallel layers saved at TP > 1): tensors pass through memory, one full tensor (plus a 64 MB
+  buffer, or one chunk) at a time.
+
+Output goes to a temporary sibling folder renamed at the very end (:func:`atomic_output_dir`).
 ``hf_to_mcore`` also stores the HF config and tokenizer files under ``<ckpt>/hf/`` so that
 ``mcore_to_hf`` can rebuild a complete HF folder without a template.
 """
@@ -331,11 +337,10 @@ def mcore_to_hf(
         for name, t in to_hf(tm, torch.empty(shape, device="meta"), d):
             plan.append((name, tuple(t.shape), out_dtype or stored))
     torch_dtype = dtype_name(plan[0][2])
-    writer = SafetensorsShardWriter(Path("."), plan, max_shard_bytes=max_shard_bytes)
-    bar = Progress(writer.total_bytes, len(plan), "mcore -> hf", enabled=progress)
+    bar = Progress(sum(tensor_bytes(s, dt) for _, s, dt in plan), len(plan), "mcore -> hf", enabled=progress)
     try:
         with atomic_output_dir(out_dir) as tmp:
-            writer.out = tmp
+            writer = SafetensorsShardWriter(tmp, plan, max_shard_bytes=max_shard_bytes)
             try:
                 for tm in maps:
                     key, layer = sharded_key(tm.mcore, reader.prefix)

@@ -287,11 +287,16 @@ class TorchDistReader:
         self.prefix = self._detect_prefix()
 
     def _detect_prefix(self) -> str:
-        for key in self.metadata.state_dict_metadata:
-            m = re.fullmatch(r"(.*)embedding\.word_embeddings\.weight", key)
-            if m:
-                return m.group(1)
-        raise ConvertError(f"{self.dir}: no embedding.word_embeddings.weight key; not a GPT checkpoint")
+        """The policy's key prefix: ``model.`` when present (a training checkpoint may also hold
+        e.g. an anchor copy under another prefix), else the shortest (Megatron-LM uses none)."""
+        found = [
+            m.group(1)
+            for key in self.metadata.state_dict_metadata
+            if (m := re.fullmatch(r"(.*)embedding\.word_embeddings\.weight", key))
+        ]
+        if not found:
+            raise ConvertError(f"{self.dir}: no embedding.word_embeddings.weight key; not a GPT checkpoint")
+        return MODEL_PREFIX if MODEL_PREFIX in found else min(found, key=len)
 
     def keys(self) -> list[str]:
         return list(self.metadata.state_dict_metadata)

@@ -16,7 +16,6 @@ built ``GPTModel``:
 
 from __future__ import annotations
 
-import datetime
 import json
 import os
 import socket
@@ -271,12 +270,6 @@ def verify(
         if not result_file.is_file():
             raise ConvertError("verify: no rank reported logits")
         return json.loads(result_file.read_text())
-
-
-def init_process_group_for_tests(rank: int, world: int, port: int, minutes: float = 2.0) -> None:
-    """gloo process group with a finite timeout (gloo hangs rather than fails otherwise)."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(minutes=minutes))
 
 
 __all__ = [
