@@ -251,7 +251,8 @@ def main() -> None:
             rows.append(row)
             print(f"round {r}: {json.dumps(row)}")
     keys = ("pool_ordinary_s", "single_ordinary_s", "pool_full_s", "pool_adversarial_only_s", "single_cpu_s",
-            "pool_parent_cpu_s", "pool_workers_cpu_s", "pool_full_workers_cpu_s", "pool_adversarial_workers_cpu_s")
+            "pool_parent_cpu_s", "pool_workers_cpu_s", "pool_full_workers_cpu_s",
+            "pool_adversarial_workers_cpu_s")
     med = {k: statistics.median(r[k] for r in rows) for k in keys}
     n_ord = rows[0]["n_ordinary"]
     single_rate = n_ord / med["single_ordinary_s"]
@@ -271,8 +272,9 @@ def main() -> None:
           f"{med['pool_parent_cpu_s']:.2f}; CPU efficiency | {cpu_efficiency:.2f} | |")
     print(f"| full 2,048 with the adversarial ones, pool | {med['pool_full_s']:.2f} s | |")
     print(f"| extra wall time of the adversarial ones | {extra:.2f} s | <= {budget:.1f} s |")
-    print(f"| extra workers' CPU of the adversarial ones (full - ordinary) | "
-          f"{med['pool_full_workers_cpu_s'] - med['pool_workers_cpu_s']:.2f} CPU s | <= {budget * args.workers:.1f} |")
+    extra_cpu = med["pool_full_workers_cpu_s"] - med["pool_workers_cpu_s"]
+    print(f"| extra workers' CPU of the adversarial ones (full - ordinary) | {extra_cpu:.2f} CPU s | "
+          f"<= {budget * args.workers:.1f} |")
     print(f"| the adversarial ones alone | {med['pool_adversarial_only_s']:.2f} s, "
           f"{med['pool_adversarial_workers_cpu_s']:.2f} workers' CPU s | |")
     print(f"| adversarial outcomes | {rows[-1]['adversarial_reasons']} | |")
