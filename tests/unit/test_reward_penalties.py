@@ -134,12 +134,11 @@ def test_repetition_no_false_positive_on_t1_style_traces(seed):
 
 
 def test_repetition_no_false_positive_on_synthetic_sft_traces():
-    """The data helper's generator (megatron_t1.data.synthetic.make_sft_examples(n, seed)): 500
-    traces, including hard settings with many retries, never fire, even without the length gate."""
+    """The data helper's generator (megatron_t1.data.synthetic.make_sft_examples(n, seed)): 2 x 500
+    traces never fire, even without the length gate (skipped until that module exists)."""
     synthetic = pytest.importorskip("megatron_t1.data.synthetic")
     cfg = dataclasses.replace(CFG, repetition_min_tokens=CFG.repetition_ngram)
-    examples = synthetic.make_sft_examples(500, 0)
-    examples += synthetic.make_sft_examples(200, 1, error_rate=0.9, n_operands=(2, 12), digits=(1, 5))
+    examples = synthetic.make_sft_examples(500, 0) + synthetic.make_sft_examples(500, 1)
     ratios = []
     for ex in examples:
         trace = ex["messages"][-1]["content"]
