@@ -1,20 +1,32 @@
 """The CPU demo task: multi-operand integer arithmetic with a ``\\boxed{}`` final answer.
 
 A problem is a chain ``a_1 op_1 a_2 op_2 ... a_k`` with ``op in {+, -}`` evaluated left to right
-(operands of ``digits`` decimal digits, ``n_operands`` of them). Its SFT trace follows T1's
-trial-and-error style (arXiv 2501.11651, Sec. 3.1: attempts, some wrong, each critiqued, reflected
-on and retried), one line per operation::
+(``n_operands`` operands of ``digits`` decimal digits; no negative intermediate results). Its SFT
+trace follows T1's trial-and-error style (arXiv 2501.11651, Sec. 3.1: attempts, some wrong, each
+critiqued, reflected on and retried), one line per operation::
 
     <think>
-    47 + 385 = 422
-    check: 422 - 385 = 37, not 47, wrong
-    The check fails, so 47 + 385 is not 422. Let me redo it.
-    47 + 385 = 432
-    check: 432 - 385 = 47, correct
-    432 - 129 = 303
-    check: 303 + 129 = 432, correct
+    8 + 7 = 14
+    check: 14 - 7 = 7, not 8, wrong
+    The check fails, so 8 + 7 is not 14. Let me redo it.
+    8 + 7 = 15
+    check: 15 - 7 = 8, correct
+    now: 15 - 9 + 4
+    15 - 9 = 6
+    check: 6 + 9 = 15, correct
+    now: 6 + 4
+    6 + 4 = 10
+    check: 10 - 4 = 6, correct
     </think>
-    The answer is \\boxed{303}.
+    The answer is \\boxed{10}.
+
+The ``now:`` lines (``restate=True``) restate the remaining expression so that the next step's
+operands sit side by side instead of being looked up by position in the question.
+
+Defaults (3-6 single-digit operands, 25% wrong attempts) are calibrated so that a ~1M-parameter
+Qwen2 trained for ~3.5 CPU minutes is right on about half of the held-out problems, and right on
+far fewer when sampling at temperature 1 (it imitates the traces' slips): headroom for RL.
+Multi-digit operands are out of reach for such a budget (bench/RESULTS.md, "SFT calibration").
 
 Every ``check:`` line is arithmetically true (it applies the inverse operation to the written
 result and compares with the operand it must give back): "correct" exactly when the attempt was
