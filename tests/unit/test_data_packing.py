@@ -117,7 +117,15 @@ def test_collate_and_micro_batches():
         assert len(list(micro_batches(rows, 4, drop_last=True))) == len(rows) // 4
 
 
-def test_packed_forward_equals_separate_forwards():
+@pytest.fixture
+def one_thread():
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def test_packed_forward_equals_separate_forwards(one_thread):
     """The mask really isolates documents: a packed Qwen2 forward equals one forward per document."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
