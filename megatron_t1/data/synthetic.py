@@ -97,7 +97,7 @@ def _slip(rng: random.Random, true: int) -> int:
     n_digits = len(str(abs(true)))
     for _ in range(20):
         wrong = true + rng.choice((-1, 1)) * 10 ** rng.randrange(n_digits)
-        if wrong >= 0 and wrong != true:
+        if wrong != true and (wrong >= 0) == (true >= 0):  # a slip does not flip the sign
             return wrong
     return true + 1
 

@@ -9,7 +9,7 @@ import pytest
 
 from megatron_t1.data import synthetic as syn
 
-_STEP = re.compile(r"^(\d+) ([+-]) (\d+) = (-?\d+)$")
+_STEP = re.compile(r"^(-?\d+) ([+-]) (\d+) = (-?\d+)$")
 _CHECK = re.compile(r"^check: (-?\d+) ([+-]) (\d+) = (-?\d+), (correct|not (-?\d+), wrong)$")
 
 
@@ -17,7 +17,7 @@ def _evaluate(question: str) -> int:
     """Independent reference: parse 'Compute a op b op c.' and fold left to right."""
     body = question.removeprefix("Compute ").removesuffix(".")
     toks = body.split(" ")
-    value = int(toks[0])
+    value = int(toks[0])  # operands are >= 0 in questions; results may be negative
     for op, b in zip(toks[1::2], toks[2::2]):
         value = value + int(b) if op == "+" else value - int(b)
     return value
@@ -75,10 +75,17 @@ def test_prompt_template():
     assert with_sys[0] == {"role": "system", "content": "Be brief."} and with_sys[1] == msgs[0]
 
 
-@pytest.mark.parametrize("restate", [True, False])
-def test_traces_are_honest_and_end_in_the_answer(restate):
+@pytest.mark.parametrize("restate, allow_negative", [(True, False), (False, False), (True, True)])
+def test_traces_are_honest_and_end_in_the_answer(restate, allow_negative):
     examples = syn.make_sft_examples(
-        300, 2, truncated_fraction=0.0, error_rate=0.5, restate=restate, n_operands=(2, 5), digits=(1, 3)
+        300,
+        2,
+        truncated_fraction=0.0,
+        error_rate=0.5,
+        restate=restate,
+        n_operands=(2, 5),
+        digits=(1, 3),
+        allow_negative=allow_negative,
     )
     n_wrong = 0
     for ex in examples:
