@@ -19,6 +19,7 @@ ranks and the division restores exactly ``t1_loss``'s value.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from functools import partial
 
@@ -26,13 +27,42 @@ import torch
 from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megatron_t1.mcore.model import unwrap
 from megatron_t1.rl.config import LossConfig
+from megatron_t1.rl.fused import fused_token_logprobs_and_entropy
 from megatron_t1.rl.logprobs import token_logprobs_and_entropy
 from megatron_t1.rl.objective import t1_loss
 
 
 def _tp_group():
     return ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+
+
+@contextlib.contextmanager
+def hidden_states_instead_of_logits(model: torch.nn.Module):
+    """Make the last stage's forward return the final hidden states [b, s, H] instead of logits.
+
+    For ``loss.fused_output_layer``: the output layer's matmul moves into the fused log-prob /
+    entropy function, so [T, V_local] logits never exist. The output layer's ``forward`` is replaced
+    on the instance for the duration and records the weight it would have used (the embedding when
+    tied) in the yielded dict under "weight".
+    """
+    gpt = unwrap(model)
+    box: dict = {}
+    if not gpt.post_process:
+        yield box
+        return
+    layer = gpt.output_layer
+
+    def forward(input_, weight=None, runtime_gather_output=None):
+        box["weight"] = weight if weight is not None else layer.weight
+        return input_, None
+
+    layer.forward = forward
+    try:
+        yield box
+    finally:
+        del layer.forward
 
 
 def rl_loss_func(
@@ -44,16 +74,29 @@ def rl_loss_func(
     vocab_size: int,
     global_num_tokens: int,
     global_num_seqs: int | None,
+    output_weight: torch.Tensor | None = None,
 ):
-    """T1 loss of one micro-batch from its vocab-parallel logits [b, s, V_local]."""
-    logp, ent = token_logprobs_and_entropy(
-        logits,
-        batch["labels"],
-        tp_group=_tp_group(),
-        vocab_size=vocab_size,
-        chunk_size=loss_config.chunk_size,
-        temperature=temperature,
-    )
+    """T1 loss of one micro-batch from its vocab-parallel logits [b, s, V_local], or, with
+    ``output_weight`` (the fused output layer), from the final hidden states [b, s, H]."""
+    if output_weight is not None:
+        logp, ent = fused_token_logprobs_and_entropy(
+            logits.to(output_weight.dtype),
+            output_weight,
+            batch["labels"],
+            tp_group=_tp_group(),
+            vocab_size=vocab_size,
+            chunk_size=loss_config.chunk_size,
+            temperature=temperature,
+        )
+    else:
+        logp, ent = token_logprobs_and_entropy(
+            logits,
+            batch["labels"],
+            tp_group=_tp_group(),
+            vocab_size=vocab_size,
+            chunk_size=loss_config.chunk_size,
+            temperature=temperature,
+        )
     out = t1_loss(
         logp,
         ent,
@@ -77,8 +120,15 @@ def rl_loss_func(
 
 
 def rl_forward_step(data_iterator, model, **loss_kw):
-    """``forward_step`` for :func:`megatron_t1.mcore.train_step.train_step` with the T1 loss."""
+    """``forward_step`` for :func:`megatron_t1.mcore.train_step.train_step` with the T1 loss
+    (through the fused output layer when ``loss_config.fused_output_layer``)."""
     batch = next(data_iterator)
+    if loss_kw["loss_config"].fused_output_layer:
+        with hidden_states_instead_of_logits(model) as box:
+            hidden = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
+        if "weight" in box:
+            return hidden, partial(rl_loss_func, batch, output_weight=box["weight"], **loss_kw)
+        return hidden, partial(rl_loss_func, batch, **loss_kw)  # not the last stage: no loss here
     logits = model(batch["tokens"], batch["position_ids"], batch.get("attention_mask"))
     return logits, partial(rl_loss_func, batch, **loss_kw)
 

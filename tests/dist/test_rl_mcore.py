@@ -16,7 +16,7 @@ TAU = 1.2
 ALPHA = 1e-2  # a visible entropy term
 
 
-def _cfg(tp, tmp, anchor):
+def _cfg(tp, tmp, anchor, fused=False):
     from megatron_t1.config import config_from_dict
 
     return config_from_dict(
@@ -34,7 +34,7 @@ def _cfg(tp, tmp, anchor):
             "data": {"seq_length": SEQ, "micro_batch_size": 2, "global_batch_size": 4},
             "optim": {"lr": 1e-2, "lr_decay_style": "constant", "clip_grad": 0.0},
             "run": {"train_steps": 10, "device": "cpu", "output_dir": tmp},
-            "loss": {"entropy_coef": ALPHA},
+            "loss": {"entropy_coef": ALPHA, "fused_output_layer": fused},
             "anchor": anchor,
         }
     )
@@ -187,6 +187,32 @@ def _worker(rank, world, tmp):
     with ema.swapped_in():
         lp_tp2 = compute_logprobs(chunks, mbs, **lp_kw)
 
+    # The fused output layer (hidden states + weight, no [T, V] logits) gives the same step.
+    cfgf = _cfg(2, tmp, {"ema": 0.99}, fused=True)
+    ctx = init_parallel(cfgf.parallel, seed=11, device="cpu")
+    chunksf = build_model(cfgf)
+    optf, schedf = build_optimizer(cfgf, chunksf)
+    res["fused_ref_loss"] = _reference_loss(chunksf, ctx, mbs)
+    stepf = train_step(
+        chunksf,
+        optf,
+        schedf,
+        lambda it, m: rl_forward_step(
+            it,
+            m,
+            loss_config=cfgf.loss,
+            temperature=TAU,
+            vocab_size=VOCAB,
+            global_num_tokens=G,
+            global_num_seqs=None,
+        ),
+        mbs,
+        seq_length=SEQ,
+        micro_batch_size=2,
+    )
+    res["fused_step_loss"] = stepf.loss
+    res["fused_grad_norm"], res["plain_grad_norm"] = stepf.grad_norm, step.grad_norm
+
     cfg1 = _cfg(1, tmp, {"ema": 0.99})
     ctx = init_parallel(cfg1.parallel, seed=11, device="cpu")
     chunks1 = build_model(cfg1)
@@ -217,6 +243,13 @@ def test_step_loss_equals_float64_reference(results):
         assert r["step_loss"] == pytest.approx(r["ref_loss"], rel=1e-5, abs=1e-6)
         assert r["step_entropy"] is not None and r["step_entropy"] > 0
         assert r["weights_moved"]
+
+
+def test_fused_output_layer_step_equals_reference_and_plain(results):
+    for r in results:
+        assert r["fused_ref_loss"] == pytest.approx(r["ref_loss"], rel=1e-12)  # same initial weights
+        assert r["fused_step_loss"] == pytest.approx(r["ref_loss"], rel=1e-5, abs=1e-6)
+        assert r["fused_grad_norm"] == pytest.approx(r["plain_grad_norm"], rel=1e-4)
 
 
 def test_anchor_reset_gives_zero_kl_and_swap_restores_policy(results):
