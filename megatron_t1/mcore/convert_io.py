@@ -6,7 +6,7 @@ Megatron does not); its metadata helpers are re-exported here. This module adds 
 built ``GPTModel``:
 
 * :func:`load_hf_into_model`: copy an HF folder's weights into this rank's chunks (any TP/PP),
-  reading only the tensors this rank holds.
+  reading only the tensors of its pipeline stage.
 * :func:`megatron_logits`: a forward pass over TP/PP ranks (point-to-point between stages, logits
   gathered over TP) returning full-vocabulary logits.
 * :func:`verify`: spawn ``tp * pp`` ranks, load a converted checkpoint through
@@ -33,7 +33,7 @@ from megatron_t1.convert.hf_io import SafetensorsReader
 from megatron_t1.convert.maps import ConvertError, Dims, from_hf
 from megatron_t1.convert.registry import model_config_from_hf_dir
 from megatron_t1.convert.sharding import layer_offset, shard_tp, shift_layer
-from megatron_t1.convert.torch_dist import (  # noqa: F401  (re-exported: the lead's checkpoint code)
+from megatron_t1.convert.torch_dist import (  # noqa: F401  (re-exported for mcore/checkpoint.py)
     FORMAT,
     METADATA_FILE,
     MODEL_PREFIX,
