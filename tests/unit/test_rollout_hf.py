@@ -250,3 +250,17 @@ def test_crash_mid_generate_reports_engine_error_and_restarts(tokenizer):
         managed.generate([[1, 99999]], 1, params)
     assert managed.engine is not None
     managed.close()
+
+
+def test_build_engine_from_config(tokenizer, tmp_path):
+    from megatron_t1.config import RolloutConfig
+    from megatron_t1.rollout.engine import build_engine
+
+    tiny_model(6).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    eng = build_engine(RolloutConfig(engine="hf"), str(tmp_path))
+    assert isinstance(eng, HFEngine) and eng.tokenizer.eos_token_id == tokenizer.eos_token_id
+    out = eng.generate(["Compute 1 + 1."], 2, SamplingParams(max_tokens=4, seed=0))
+    assert len(out[0].completions) == 2
+    with pytest.raises(ValueError, match="rollout.engine"):
+        build_engine(type("C", (), {"engine": "tgi"})(), str(tmp_path))

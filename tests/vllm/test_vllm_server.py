@@ -18,6 +18,8 @@ import urllib.request
 import pytest
 import torch
 
+pytest.importorskip("vllm", reason="vLLM is not installed (the vllm-cpu stage runs these tests)")
+
 pytestmark = pytest.mark.slow
 
 
