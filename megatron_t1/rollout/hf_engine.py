@@ -74,41 +74,39 @@ class _TemperedSampler:
 
 class _Recorder:
     """Stopping criterion run after every step: records each new token's log-prob and ends a
-    sequence at EOS or at the first occurrence of a stop string in its generated text."""
+    sequence at EOS or at the first occurrence of a stop string in its generated text.
+
+    ``finished_at[b]``: number of generated tokens of sequence b when it finished (EOS or the
+    stop string's last token included), -1 while running.
+    """
 
     def __init__(self, sampler: _TemperedSampler, prompt_len: int, eos_ids: set[int], stop, tokenizer):
         self.sampler = sampler
         self.prompt_len = prompt_len
-        self.eos_ids = eos_ids
+        self.eos = torch.tensor(sorted(eos_ids), dtype=torch.long)
         self.stop = tuple(stop)
         self.tokenizer = tokenizer
         # A character is at most 4 byte-level tokens: this tail always holds a just-finished stop string.
         self.window = 4 * max((len(s) for s in self.stop), default=0) + 4
         self.logprobs: list[torch.Tensor] = []  # per step [B]
-        self.finished_at: list[int | None] | None = None
+        self.finished_at: torch.Tensor | None = None  # [B] int64
 
     def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        batch = input_ids.shape[0]
         if self.finished_at is None:
-            self.finished_at = [None] * batch
+            self.finished_at = torch.full((input_ids.shape[0],), -1, dtype=torch.long)
         last = input_ids[:, -1]
         assert self.sampler.logp is not None
         self.logprobs.append(self.sampler.logp.gather(1, last[:, None]).squeeze(1))
         step = input_ids.shape[1] - self.prompt_len  # tokens generated so far
-        done = torch.zeros(batch, dtype=torch.bool)
-        for b in range(batch):
-            if self.finished_at[b] is not None:
-                done[b] = True
-                continue
-            hit = int(last[b]) in self.eos_ids
-            if not hit and self.stop:
-                start = max(self.prompt_len, input_ids.shape[1] - self.window)
+        running = self.finished_at < 0
+        hit = torch.isin(last.cpu(), self.eos) & running
+        if self.stop:  # decode only the running sequences' tails (a Python loop; stop strings are rare)
+            start = max(self.prompt_len, input_ids.shape[1] - self.window)
+            for b in (running & ~hit).nonzero().flatten().tolist():
                 tail = self.tokenizer.decode(input_ids[b, start:].tolist())
-                hit = any(s in tail for s in self.stop)
-            if hit:
-                self.finished_at[b] = step
-                done[b] = True
-        return done.to(input_ids.device)
+                hit[b] = any(s in tail for s in self.stop)
+        self.finished_at[hit] = step
+        return (self.finished_at >= 0).to(input_ids.device)
 
 
 class HFEngine:
@@ -197,13 +195,13 @@ class HFEngine:
         if not recorder.logprobs:
             raise EngineError("generate produced no tokens")
         logps = torch.stack(recorder.logprobs, dim=1).cpu()  # [B, steps]
-        finished = recorder.finished_at or [None] * seqs.shape[0]
+        finished = recorder.finished_at.tolist()
         results = []
         for i, p in enumerate(prompt_ids):
             comps = []
             for j in range(n):
                 b = i * n + j
-                stop_at = finished[b]
+                stop_at = finished[b] if finished[b] >= 0 else None
                 length = stop_at if stop_at is not None else min(seqs.shape[1], params.max_tokens)
                 toks = seqs[b, :length].tolist()
                 comps.append(

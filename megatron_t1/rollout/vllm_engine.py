@@ -181,6 +181,14 @@ class VLLMEngine:
         ``mode="server"``: :class:`VLLMServerEngine` (``base_url=...`` etc. in kwargs)."""
         if mode == "server":
             return VLLMServerEngine(**kwargs)
+        local = os.environ.get("LOCAL_WORLD_SIZE")
+        tp = rollout_cfg.vllm_tensor_parallel_size
+        if torch.cuda.is_available() and local and rollout_cfg.engines_per_node * tp != int(local):
+            # Colocated: the engines of a node must tile its GPUs (one training rank per GPU).
+            raise ValueError(
+                f"rollout.engines_per_node={rollout_cfg.engines_per_node} x "
+                f"rollout.vllm_tensor_parallel_size={tp} must equal the GPUs per node ({local})"
+            )
         return cls.launch(
             model_dir,
             tokenizer_dir=tokenizer_dir,
