@@ -69,8 +69,9 @@ class LossConfig:
     """Compute log-prob and entropy straight from the final hidden states and the output-layer weight,
     chunk by chunk, without materialising the [T, V] logits (``megatron_t1.rl.fused``)."""
     chunk_size: int | None = None
-    """Tokens per chunk of the chunked log-prob / entropy (and fused output layer). None: automatic, about
-    1M logits per chunk on CPU and 16M on GPU, which keeps the extra memory to a few chunks."""
+    """Tokens per chunk of the chunked log-prob / entropy (and per tile of the fused output layer). None:
+    automatic, about 1M logits per chunk on CPU (0.5M per fused tile) and 16M on GPU, which keeps the
+    extra memory to a few chunks."""
 
     def __post_init__(self) -> None:
         s = "loss"
