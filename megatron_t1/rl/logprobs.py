@@ -234,7 +234,7 @@ class _TokenLogprobEntropy(torch.autograd.Function):
         s = torch.zeros(n, dtype=cd, device=logits.device)
         w = torch.zeros(n, dtype=cd, device=logits.device)
         if shard.valid > 0:
-            rows = min(n, auto_chunk_rows(shard.valid, logits.device, chunk_size))
+            rows = max(1, min(n, auto_chunk_rows(shard.valid, logits.device, chunk_size)))
             bufs = torch.empty(2, rows * shard.valid, dtype=cd, device=logits.device)
             for r0 in range(0, n, rows):
                 r1 = min(n, r0 + rows)
@@ -266,7 +266,7 @@ class _TokenLogprobEntropy(torch.autograd.Function):
         grad = torch.empty_like(logits)
         grad[:, shard.valid :] = 0
         if shard.valid > 0:
-            rows = min(n, auto_chunk_rows(shard.valid, logits.device, ctx.chunk_size))
+            rows = max(1, min(n, auto_chunk_rows(shard.valid, logits.device, ctx.chunk_size)))
             real, grad_real = logits[:, : shard.valid], grad[:, : shard.valid]
             # fp32/fp64 logits: the gradient chunk itself holds log p, then dL/dx (no copy at the end).
             in_place = logits.dtype == lse.dtype

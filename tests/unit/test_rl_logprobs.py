@@ -208,3 +208,14 @@ def test_fused_memory_is_inputs_grads_plus_tiles():
     grads = (n + v) * hid * 4
     assert mem.peak <= grads + 3 * rows * cols * 4 + 64 * n, mem.peak
     assert mem.peak < n * v * 4 / 4  # far below the logits it never builds
+
+
+def test_empty_micro_batch():
+    x = torch.randn(0, 5, requires_grad=True)
+    lp, ent = token_logprobs_and_entropy(x, torch.zeros(0, dtype=torch.long))
+    (lp.sum() + ent.sum()).backward()
+    assert lp.shape == (0,) and x.grad.shape == (0, 5)
+    h, w = torch.randn(0, 3, requires_grad=True), torch.randn(5, 3, requires_grad=True)
+    lp, ent = fused_token_logprobs_and_entropy(h, w, torch.zeros(0, dtype=torch.long))
+    (lp.sum() + ent.sum()).backward()
+    assert lp.shape == (0,) and torch.equal(w.grad, torch.zeros(5, 3))
