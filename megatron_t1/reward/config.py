@@ -36,7 +36,7 @@ class RewardConfig:
     timer; the worker is killed and replaced and the answer scores ``wrong`` (``timeout``)."""
     stall_guard_s: float = 10.0
     """Parent-side guard (>= wall_guard_s): an answer still running after this many wall seconds
-    is killed whatever its CPU use (a stopped or blocked worker)."""
+    whose worker used no CPU for a second is killed (a stopped or blocked worker)."""
     worker_start_timeout_s: float = 120.0
     """Seconds a new worker may take to import math-verify and warm up before scoring fails."""
     max_answer_chars: int = 2000

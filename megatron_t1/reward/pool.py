@@ -5,11 +5,12 @@ in a C call holds its task forever) and a worker that dies breaks the whole exec
 worker has its own pipe, the parent knows which task each worker is on, since when, and how much
 CPU the worker had used when it started it, and
 
-* a task still running ``wall_timeout_s`` after it reached the head of its worker's queue, whose
-  worker has also used more than ``cpu_timeout_s`` of CPU on it (stuck computing: a C call that
-  ignores the worker's own timer), or any task still running after ``stall_timeout_s`` (a stopped
-  or blocked worker) gets status ``"timeout"``; the worker is killed and a fresh one started.
-  Checking CPU keeps a slow but honest task on an overloaded machine from being killed early;
+* a task still running ``wall_timeout_s`` after it reached the head of its worker's queue gets
+  status ``"timeout"`` (its worker is killed and a fresh one started) once its worker has used
+  more than ``cpu_timeout_s`` of CPU on it (stuck computing: a C call that ignores the worker's
+  own timer), or, past ``stall_timeout_s``, once its worker used no CPU for a second (stopped or
+  blocked). Looking at CPU, not only at the clock, keeps a slow but honest task on an overloaded
+  machine from being killed: its reward does not depend on the load;
 * a worker that dies (segfault, OOM kill) gives its current task status ``"died"`` and is
   replaced; tasks queued behind it go back to the pending queue;
 * a task whose handler raises gets status ``"error"`` (the worker survives).
@@ -142,6 +143,7 @@ class _Slot:
     queue: deque = field(default_factory=deque)  # task indices sent, oldest first
     head_since: float = 0.0  # when queue[0] became the task the worker is on
     cpu_at_head: float = 0.0  # the worker's process CPU time (s) when it started queue[0]
+    cpu_seen: tuple | None = None  # (when, CPU) of the last look at a task past the stall guard
     broken: bool = False  # a send failed: the worker is gone, handled once its pipe is drained
     group: Hashable = None  # the group this worker is draining
 
@@ -157,8 +159,8 @@ class WorkerPool:
         wall_timeout_s: wall seconds a task may run before its worker may be killed.
         cpu_timeout_s: ... and the CPU seconds the worker must also have spent on it (None: wall
             time alone decides; also the fallback where /proc cannot be read).
-        stall_timeout_s: wall seconds after which a task's worker is killed whatever its CPU use
-            (default 10 x wall_timeout_s).
+        stall_timeout_s: wall seconds after which a task's worker is killed if it used no CPU
+            for a second (default 10 x wall_timeout_s).
         start_timeout_s: seconds a new worker may take to send "ready" (imports + ``init``).
         init, init_args: module-level ``init(*init_args) -> context`` run once per worker.
         depth: tasks queued per worker (>= 1).
@@ -272,7 +274,7 @@ class WorkerPool:
                 slot.broken = True
                 return
             if not slot.queue:
-                slot.head_since = now
+                slot.head_since, slot.cpu_seen = now, None
             slot.queue.append(index)
 
     def _on_death(self, i: int, results: list, pending: _Pending) -> int:
@@ -294,9 +296,8 @@ class WorkerPool:
                 deadlines.append(slot.spawned_at + self.start_timeout_s)
             elif slot.queue:
                 wall_deadline = slot.head_since + self.wall_timeout_s
-                # past the wall guard but not proven stuck: look again shortly (until the stall guard)
-                deadlines.append(wall_deadline if now < wall_deadline else
-                                 min(now + 0.1, slot.head_since + self.stall_timeout_s))
+                # past the wall guard but not proven stuck: look again shortly
+                deadlines.append(wall_deadline if now < wall_deadline else now + 0.1)
         timeout = max(0.0, min(deadlines) - now) if deadlines else 0.0
         waitables = [s.conn for s in self._slots] + [s.proc.sentinel for s in self._slots]
         mpc.wait(waitables, timeout=timeout)
@@ -314,7 +315,7 @@ class WorkerPool:
                         _, index, status, value, cpu = msg
                         if slot.queue and slot.queue[0] == index:
                             slot.queue.popleft()
-                            slot.head_since, slot.cpu_at_head = now, cpu
+                            slot.head_since, slot.cpu_at_head, slot.cpu_seen = now, cpu, None
                             results[index] = TaskResult(status, value)
                             done += 1
             except (EOFError, OSError):
@@ -336,12 +337,20 @@ class WorkerPool:
     def _stuck(self, slot: _Slot, now: float) -> bool:
         """The wall guard: the head task has overrun (see the module docstring)."""
         wall = now - slot.head_since
-        if wall > self.stall_timeout_s:
-            return True
         if wall <= self.wall_timeout_s:
             return False
         cpu = _process_cpu(slot.proc.pid) if self.cpu_timeout_s is not None else None
-        return cpu is None or cpu - slot.cpu_at_head > self.cpu_timeout_s
+        if cpu is None or cpu - slot.cpu_at_head > self.cpu_timeout_s:
+            return True  # computing past its budget (or no way to tell: the clock decides)
+        if wall <= self.stall_timeout_s:
+            return False
+        if slot.cpu_seen is not None and now - slot.cpu_seen[0] >= 1.0:
+            if cpu <= slot.cpu_seen[1]:
+                return True  # no CPU for a second: stopped or blocked
+            slot.cpu_seen = None
+        if slot.cpu_seen is None:
+            slot.cpu_seen = (now, cpu)
+        return False
 
     # ---------------------------------------------------------------------------------------------
     def close(self) -> None:
