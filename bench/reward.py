@@ -187,6 +187,11 @@ def make_batch(seed: int, prompts: int = 32, samples: int = 64, adversarial: int
     return responses, golds, truncated, labels, adv
 
 
+def _cpu(pids) -> float:
+    """Total CPU seconds of these workers (a worker replaced meanwhile counts as 0: see restarts)."""
+    return sum(_process_cpu(p) or 0.0 for p in pids)
+
+
 def _subset(batch, keep):
     return [[col[i] for i in range(len(col)) if keep[i]] for col in batch]
 
@@ -222,11 +227,11 @@ def main() -> None:
             row = {"seed": r, "n_ordinary": len(ordinary[0]), "n_adversarial": len(adversarial[0]),
                    "chars_median": statistics.median(chars)}
             pids = pool.worker_pids
-            cpu0, parent0, t = sum(_process_cpu(p) for p in pids), time.process_time(), time.perf_counter()
+            cpu0, parent0, t = _cpu(pids), time.process_time(), time.perf_counter()
             res = pool.score(ordinary[0], ordinary[1], truncated=ordinary[2])
             row["pool_ordinary_s"] = time.perf_counter() - t
             row["pool_parent_cpu_s"] = time.process_time() - parent0
-            row["pool_workers_cpu_s"] = sum(_process_cpu(p) for p in pids) - cpu0
+            row["pool_workers_cpu_s"] = _cpu(pids) - cpu0
             n_lab, bad = _agreement(res.rewards, ordinary[3])
             row["disagree"] = dict(bad)
             row["labelled"] = n_lab
@@ -237,16 +242,17 @@ def main() -> None:
             row["single_cpu_s"] = time.process_time() - cpu0
             row["same_as_pool"] = single.rewards == res.rewards
             pids = pool.worker_pids
-            cpu0, t = sum(_process_cpu(p) for p in pids), time.perf_counter()
+            cpu0, t = _cpu(pids), time.perf_counter()
             full = pool.score(batch[0], batch[1], truncated=batch[2])
             row["pool_full_s"] = time.perf_counter() - t
-            row["pool_full_workers_cpu_s"] = sum(_process_cpu(p) for p in pids) - cpu0
+            row["pool_full_workers_cpu_s"] = _cpu(pids) - cpu0
             row["full_restarts"] = full.metrics["reward/worker_restarts"]
             pids = pool.worker_pids
-            cpu0, t = sum(_process_cpu(p) for p in pids), time.perf_counter()
+            cpu0, t = _cpu(pids), time.perf_counter()
             adv = pool.score(adversarial[0], adversarial[1], truncated=adversarial[2])
             row["pool_adversarial_only_s"] = time.perf_counter() - t
-            row["pool_adversarial_workers_cpu_s"] = sum(_process_cpu(p) for p in pids) - cpu0
+            row["pool_adversarial_workers_cpu_s"] = _cpu(pids) - cpu0
+            row["adversarial_restarts"] = adv.metrics["reward/worker_restarts"]
             row["adversarial_reasons"] = dict(Counter(adv.reasons))
             rows.append(row)
             print(f"round {r}: {json.dumps(row)}")
