@@ -18,6 +18,7 @@ and every statistic here is a pure function of those records (:func:`summarise`)
 from __future__ import annotations
 
 import math
+from array import array
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -29,7 +30,10 @@ from megatron_t1.eval.loaders import EvalProblem
 __all__ = [
     "BenchmarkResult",
     "GroupStats",
+    "PromptSamples",
+    "Sample",
     "chat_prompt_ids",
+    "compact",
     "format_table",
     "generate_and_score",
     "result_rows",
@@ -83,6 +87,36 @@ def _finite(obj):
 # --------------------------------------------------------------------------------------------------
 # Generation and scoring
 # --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    """One response kept for the scaling sweep: ids as a 4-byte ``array`` (a Python list of ints
+    takes 8x the memory; 500 problems x 32 samples x 16k tokens is 256M ids) and no log-probs."""
+
+    token_ids: array
+    text: str
+    finish_reason: str
+
+    @property
+    def truncated(self) -> bool:
+        return self.finish_reason == "length"
+
+
+@dataclass
+class PromptSamples:
+    """The samples of one prompt (the fields of the engine's ``PromptCompletions`` the sweep reads)."""
+
+    prompt_token_ids: list[int]
+    completions: list[Sample]
+
+
+def compact(pc) -> PromptSamples:
+    """An engine's :class:`~megatron_t1.rollout.engine.PromptCompletions` without its log-probs."""
+    return PromptSamples(
+        list(pc.prompt_token_ids),
+        [Sample(array("i", c.token_ids), c.text, c.finish_reason) for c in pc.completions],
+    )
 
 
 def chat_prompt_ids(
@@ -165,9 +199,9 @@ def generate_and_score(
     RolloutEngine`) under ``params`` (:class:`~megatron_t1.rollout.engine.SamplingParams`), score
     them, summarise.
 
-    Returns ``(result, records, completions)``; ``completions`` (one
-    :class:`~megatron_t1.rollout.engine.PromptCompletions` per problem, with token ids) feed the
-    inference-scaling sweep, which reuses these samples instead of generating again.
+    Returns ``(result, records, samples)``; ``samples`` (one :class:`PromptSamples` per problem:
+    token ids and text, without the log-probs) feed the inference-scaling sweep, which reuses these
+    samples instead of generating again.
     """
     prompts = chat_prompt_ids(tokenizer, problems, system=system)
     if progress is not None:
@@ -178,6 +212,7 @@ def generate_and_score(
     completions = engine.generate(prompts, n, params)
     if len(completions) != len(problems):
         raise RuntimeError(f"engine returned {len(completions)} prompts' samples for {len(problems)} prompts")
+    completions = [compact(pc) for pc in completions]
     texts = [[c.text for c in pc.completions] for pc in completions]
     trunc = [[c.truncated for c in pc.completions] for pc in completions]
     toks = [[len(c.token_ids) for c in pc.completions] for pc in completions]

@@ -405,6 +405,8 @@ def run_eval(
         if not keep_hf:
             for d in exported:
                 shutil.rmtree(d, ignore_errors=True)
+            if (out / "hf").is_dir() and not any((out / "hf").iterdir()):
+                (out / "hf").rmdir()
 
     rows = [r for res in results for r in result_rows(res)]
     _write_atomic(out / "results.csv", _csv_text(rows, RESULT_COLUMNS))
@@ -496,6 +498,9 @@ def run(args: argparse.Namespace) -> int:
         )
     except (DataError, CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ImportError as e:  # e.g. --engine vllm without vLLM installed
+        print(f"error: --engine {args.engine}: {e}", file=sys.stderr)
         return 2
     return 0
 

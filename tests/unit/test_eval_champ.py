@@ -29,7 +29,8 @@ def test_champ_reference_answers_agree_with_gold():
         thinking = p.solution.replace("@@", "")
         # a T1-style response: the reference solution as thinking, its final answer boxed
         responses.append(f"<think>\n{thinking}\n</think>\nThe answer is \\boxed{{{ans or ''}}}.")
-    cfg = RewardConfig(num_workers=2, repetition_enabled=False, garbage_enabled=False)
+    # in-process scoring (the workers run the same handler): no pool start-up in the test
+    cfg = RewardConfig(num_workers=0, repetition_enabled=False, garbage_enabled=False)
     with RewardScorer(cfg) as scorer:
         batch = scorer.score(responses, [p.answer for p in problems], truncated=[False] * len(problems))
     agree = sum(r == cfg.correct for r in batch.rewards)
