@@ -435,7 +435,6 @@ class Config:
 _HF_ARCH = {
     "Qwen2ForCausalLM": "qwen2",
     "LlamaForCausalLM": "llama",
-    "MistralForCausalLM": "llama",
     "GlmForCausalLM": "glm",
 }
 
@@ -459,6 +458,12 @@ def model_config_from_hf(path: str | os.PathLike) -> dict[str, Any]:
     arch = next((_HF_ARCH[a] for a in archs if a in _HF_ARCH), None)
     if arch is None:
         raise ConfigError(f"{p}: unsupported architectures {archs}; supported: {sorted(_HF_ARCH)}")
+    rope = hf.get("rope_scaling") or hf.get("rope_parameters") or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    if rope_type not in (None, "default"):
+        raise ConfigError(
+            f"{p}: RoPE scaling {rope_type!r} is not supported yet (it would give a wrong model)"
+        )
     heads = hf["num_attention_heads"]
     head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
     out: dict[str, Any] = {
@@ -471,7 +476,9 @@ def model_config_from_hf(path: str | os.PathLike) -> dict[str, Any]:
         "kv_channels": head_dim if head_dim * heads != hf["hidden_size"] else None,
         "vocab_size": hf["vocab_size"],
         "max_position_embeddings": hf.get("max_position_embeddings", 4096),
-        "rope_theta": float(hf.get("rope_theta", (hf.get("rope_parameters") or {}).get("rope_theta", 1e4))),
+        "rope_theta": float(
+            hf.get("rope_theta", rope.get("rope_theta", 1e4) if isinstance(rope, dict) else 1e4)
+        ),
         "norm_epsilon": float(hf.get("rms_norm_eps", 1e-6)),
         "tie_word_embeddings": bool(hf.get("tie_word_embeddings", False)),
         "swiglu": hf.get("hidden_act", "silu") == "silu",
@@ -479,11 +486,18 @@ def model_config_from_hf(path: str | os.PathLike) -> dict[str, Any]:
     if arch == "qwen2":
         out["add_qkv_bias"] = True
     elif arch == "llama":
-        out["add_qkv_bias"] = bool(hf.get("attention_bias", False))
-        out["add_bias_linear"] = bool(hf.get("mlp_bias", False))
+        attn_bias, mlp_bias = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
+        if attn_bias != mlp_bias:
+            # Llama's attention_bias also covers o_proj; Megatron's add_bias_linear covers o_proj and the MLP.
+            raise ConfigError(
+                f"{p}: attention_bias={attn_bias} with mlp_bias={mlp_bias} has no Megatron layout"
+            )
+        out["add_qkv_bias"] = attn_bias
+        out["add_bias_linear"] = attn_bias
     elif arch == "glm":
         out["add_qkv_bias"] = bool(hf.get("attention_bias", True))
-        out["rotary_percent"] = float(hf.get("partial_rotary_factor", 0.5))
+        nested = rope.get("partial_rotary_factor") if isinstance(rope, dict) else None
+        out["rotary_percent"] = float(hf.get("partial_rotary_factor", nested if nested is not None else 0.5))
     return out
 
 

@@ -34,12 +34,11 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 
 from megatron_t1.config import Config, ConfigError
+
+# One source for the on-disk format, shared with the offline converter.
+from megatron_t1.convert.torch_dist import FORMAT, METADATA_FILE, MODEL_PREFIX  # noqa: E402
 from megatron_t1.errors import CheckpointError
 from megatron_t1.mcore.model import unwrap
-
-METADATA_FILE = "megatron_t1.json"
-FORMAT = "megatron_t1/torch_dist"
-MODEL_PREFIX = "model."
 
 
 def _model_sharded_sd(chunks: Sequence[torch.nn.Module]) -> dict:
@@ -52,12 +51,17 @@ def write_metadata(ckpt_dir: str | os.PathLike, cfg: Config, *, step: int, extra
     """Write ``megatron_t1.json`` atomically."""
     import dataclasses
 
+    from megatron_t1.convert.registry import spec_for_arch
+
     meta = {
         "format": FORMAT,
         "step": step,
         "model": dataclasses.asdict(cfg.model),
         "tp": cfg.parallel.tp,
         "pp": cfg.parallel.pp,
+        # Lets mcore-to-hf export a trained checkpoint without an --hf-template.
+        "hf_architecture": spec_for_arch(cfg.model.arch).hf_architecture,
+        "key_prefix": MODEL_PREFIX,
         **(extra or {}),
     }
     p = Path(ckpt_dir) / METADATA_FILE

@@ -224,3 +224,18 @@ def test_help_lists_commands():
     assert r.returncode == 0
     for cmd in ("sft", "demo", "score"):
         assert cmd in r.stdout
+
+
+def test_hf_rope_scaling_and_llama_bias_are_refused(tmp_path):
+    d = _hf(tmp_path, architectures=["LlamaForCausalLM"], rope_scaling={"rope_type": "llama3", "factor": 8.0})
+    with pytest.raises(ConfigError, match="llama3"):
+        model_config_from_hf(d)
+    d = _hf(tmp_path, architectures=["LlamaForCausalLM"], attention_bias=True, mlp_bias=False)
+    with pytest.raises(ConfigError, match="attention_bias"):
+        model_config_from_hf(d)
+    d = _hf(
+        tmp_path,
+        architectures=["GlmForCausalLM"],
+        rope_parameters={"rope_type": "default", "partial_rotary_factor": 0.25},
+    )
+    assert model_config_from_hf(d)["rotary_percent"] == 0.25
