@@ -174,9 +174,9 @@ def budget_sweep(
 
     Returns:
         ``(rows, records)``: one row per budget (:data:`SCALING_COLUMNS`) and one record per
-        (budget, problem, sample) whose ``response`` is the text after the truncated thinking
-        (the summary; the whole response when it was not cut), with ``budget``, ``thinking_tokens``
-        and ``summarised``.
+        (budget, problem, sample) with ``budget``, ``thinking_tokens``, ``summarised`` and as
+        ``response`` the summariser's text after the truncated thinking (None for a sample that
+        stands: its text is the plain evaluation's record of the same sample).
     """
     budgets = sorted(set(int(b) for b in budgets))
     if not budgets or budgets[0] < 1:
@@ -257,9 +257,10 @@ def budget_sweep(
         records = score_records(
             problems, texts, scorer, truncated=trunc, tokens=toks, checkpoint=checkpoint, extra=extra
         )
-        for r in records:  # keep the audit file small: the thinking is in the full-budget responses
-            if r["summarised"]:
-                r["response"] = r.pop("summary")
+        # Keep the audit file small: the thinking (and a sample that stands) is in the plain
+        # evaluation's responses.jsonl under the same (checkpoint, problem_id, sample).
+        for r in records:
+            r["response"] = r.pop("summary") if r["summarised"] else None
         res = summarise(records, checkpoint=checkpoint, benchmark=problems[0].benchmark)
         rows.append(
             {
