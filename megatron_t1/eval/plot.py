@@ -24,6 +24,7 @@ __all__ = ["SERIES_KEY", "plot_scaling", "read_png_text", "series_from_rows"]
 
 SERIES_KEY = "megatron_t1.series"
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 
 
 def series_from_rows(rows: Sequence[dict]) -> dict[str, dict[str, dict[str, list[float]]]]:
@@ -67,10 +68,20 @@ def plot_scaling(rows: Sequence[dict], path: str | os.PathLike, *, title: str | 
     try:
         for ax, (bench, curves) in zip(axes.flat, series.items()):
             drawn[bench] = {}
-            for ckpt, s in curves.items():
+            top = 0.0
+            for i, (ckpt, s) in enumerate(curves.items()):
                 yerr = [0.0 if not math.isfinite(e) else e for e in s["stderr"]]
+                top = max([top] + [a + e for a, e in zip(s["accuracy"], yerr)])
+                # distinct markers: curves that coincide (e.g. two checkpoints at 0) stay visible
                 container = ax.errorbar(
-                    s["budget"], s["accuracy"], yerr=yerr, marker="o", ms=4, capsize=3, label=ckpt
+                    s["budget"],
+                    s["accuracy"],
+                    yerr=yerr,
+                    marker=_MARKERS[i % len(_MARKERS)],
+                    ms=5,
+                    capsize=3,
+                    label=ckpt,
+                    fillstyle="none" if i % 2 else "full",
                 )
                 line = container.lines[0]
                 drawn[bench][ckpt] = {
@@ -84,6 +95,7 @@ def plot_scaling(rows: Sequence[dict], path: str | os.PathLike, *, title: str | 
             ax.minorticks_off()
             ax.set_xlabel("thinking budget N (tokens)")
             ax.set_ylabel("pass@1")
+            ax.set_ylim(0.0, min(1.0, max(0.05, 1.1 * top)))  # accuracy axis from 0
             ax.set_title(bench)
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=8)
