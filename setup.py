@@ -33,7 +33,7 @@ setup(
     extras_require={
         "gpu": ["transformer-engine[pytorch]>=1.12"],
         "vllm": ["vllm>=0.8"],
-        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.3", "ruff>=0.6", "champ-dataset>=1.0"],
     },
     entry_points={"console_scripts": ["megatron-t1=megatron_t1.__main__:main"]},
 )

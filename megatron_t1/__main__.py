@@ -65,6 +65,12 @@ def _cmd_score(args) -> int:
     return run(args)
 
 
+def _cmd_eval(args) -> int:
+    from megatron_t1.eval.cli import run
+
+    return run(args)
+
+
 def _cmd_plan(args) -> int:
     from megatron_t1.plan import run
 
@@ -123,6 +129,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=1234, help="seed for data, init and sampling")
     p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test, low accuracy)")
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser(
+        "eval",
+        help="benchmark accuracy (pass@1 over n samples) and the inference-scaling sweep with a plot",
+        description="Evaluates HF or Megatron checkpoints on MATH500 / AIME2024 / Omni-MATH / GPQA style "
+        "files from --data-dir, then truncates the thinking at a sweep of budgets, summarises and "
+        "scores. Writes responses.jsonl, results.json/csv, scaling.csv and scaling.png.",
+        epilog="example: python -m megatron_t1 eval --checkpoint sft=runs/demo/sft_hf "
+        "--benchmarks math500 --data-dir data/benchmarks --n 4",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    from megatron_t1.eval.cli import add_arguments as _eval_args
+
+    _eval_args(p)
+    p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser(
         "plan",

@@ -23,10 +23,16 @@ fi
 source "$T1_ROOT/slurm/common.sh"
 t1_init
 
-CONFIG=${CONFIG:-examples/qwen2.5_32b/rl.yaml}
-args=(python -m megatron_t1 eval --config "$CONFIG")
-t1_sets args "run.output_dir=${OUTPUT_DIR:-$T1_ROOT/runs}" "model.tokenizer=${MODEL_DIR:-}" \
-    "checkpoint.init_from=${CKPT:?set CKPT to a checkpoint folder or the checkpoints/ of a run}" \
-    "eval.heldout_path=${HELDOUT:-}"
+# CKPT: an HF folder or a Megatron checkpoint (a run's checkpoints/ or a step folder).
+args=(python -m megatron_t1 eval
+    --checkpoint "${CKPT:?set CKPT to a checkpoint folder or the checkpoints/ of a run}"
+    --benchmarks "${BENCHMARKS:-math500,aime2024,omni_math500}"
+    --data-dir "${DATA_DIR:-$T1_ROOT/data/benchmarks}"
+    --n "${N_SAMPLES:-32}" --max-new-tokens "${MAX_NEW_TOKENS:-16384}"
+    --engine "${ENGINE:-vllm}" --dtype bfloat16
+    --out "${OUTPUT_DIR:-$T1_ROOT/runs}/eval-${SLURM_JOB_ID:-local}")
+if [[ -n ${MODEL_DIR:-} ]]; then
+    args+=(--tokenizer "$MODEL_DIR")
+fi
 
 t1_srun 1 "${args[@]}"

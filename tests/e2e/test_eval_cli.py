@@ -42,13 +42,8 @@ def _run(args, timeout):
 
 
 def _eval_command() -> list[str]:
-    """``python -m megatron_t1 eval`` once it is wired into the main CLI, else the module itself."""
-    from megatron_t1.__main__ import build_parser
-
-    sub = next(a for a in build_parser()._actions if a.dest == "command")
-    if "eval" in sub.choices:
-        return [sys.executable, "-m", "megatron_t1", "eval"]
-    return [sys.executable, "-m", "megatron_t1.eval.cli"]
+    """``python -m megatron_t1 eval``."""
+    return [sys.executable, "-m", "megatron_t1", "eval"]
 
 
 @pytest.fixture(scope="module")

@@ -222,7 +222,7 @@ def test_help_lists_commands():
         [sys.executable, "-m", "megatron_t1", "--help"], capture_output=True, text=True, timeout=60
     )
     assert r.returncode == 0
-    for cmd in ("sft", "demo", "score"):
+    for cmd in ("sft", "rl", "eval", "demo", "score", "plan"):
         assert cmd in r.stdout
 
 
