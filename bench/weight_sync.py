@@ -70,6 +70,7 @@ def _worker(rank: int, world: int, port: int, buckets: list[float], reps: int, o
 
     torch.set_num_threads(1)
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
+    from megatron_t1.mcore.export import ExportBuffers
     from megatron_t1.mcore.model import build_model
     from megatron_t1.mcore.parallel import destroy_parallel, init_parallel
     from megatron_t1.rollout.weight_sync import push_weights
@@ -90,7 +91,16 @@ def _worker(rank: int, world: int, port: int, buckets: list[float], reps: int, o
         engine = HFEngine(Qwen2ForCausalLM(Qwen2Config(**hf_config(cfg.model, "float32"))), _NoTokenizer())
     rows = []
     for mb in buckets:
-        sync = partial(push_weights, engine, chunks, cfg, bucket_mb=mb, include_tied_lm_head=False)
+        # As WeightSync does: the export's buffers persist from one sync to the next.
+        sync = partial(
+            push_weights,
+            engine,
+            chunks,
+            cfg,
+            bucket_mb=mb,
+            include_tied_lm_head=False,
+            buffers=ExportBuffers(),
+        )
         nbytes = sync()[1]  # warm-up (first touch of every buffer) and the byte count
         sync_t = [_timed(sync) for _ in range(reps)]
         # The same output bytes through raw all_gathers of bucket size (each rank sends 1/world).

@@ -17,8 +17,9 @@ producing it takes collectives:
 4. **Name**: each full tensor goes through the converter's ``to_hf`` (QKV split per KV group,
    ``[gate; up]`` split, vocabulary padding dropped) and is yielded with its HF name.
 
-Memory: one bucket's local shards, gathered shards and full tensors at a time. Yielded tensors are
-views into the bucket (fresh per bucket), valid as long as the consumer holds them.
+Memory: two buckets' local shards, gathered shards and full tensors (double buffering, reused
+across syncs through :class:`ExportBuffers`). Yielded tensors are views into those buffers: valid
+while the next bucket is consumed, overwritten after it.
 
 With tied embeddings HF checkpoints omit ``lm_head.weight``; ``include_tied_lm_head=True`` yields
 the embedding a second time under that name (vLLM keeps its own head tensor and silently keeps the
@@ -196,6 +197,29 @@ def _local_params(model_chunks: Sequence[torch.nn.Module], cfg: Config, pp: int,
     return out
 
 
+class ExportBuffers:
+    """Flat buffers reused by :func:`iter_hf_buckets`, two slots (double buffering), kept across
+    syncs by their owner (e.g. :class:`megatron_t1.rollout.weight_sync.WeightSync`).
+
+    Reuse matters on CPU: a fresh multi-hundred-MB ``torch.empty`` is a new mapping whose pages the
+    kernel zero-fills on first touch, which cost more than the copies themselves.
+    """
+
+    def __init__(self) -> None:
+        self._bufs: dict[tuple[str, int], torch.Tensor] = {}
+
+    def get(self, kind: str, slot: int, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """A flat tensor of exactly ``numel`` elements (a view of the cached one, grown if needed)."""
+        t = self._bufs.get((kind, slot))
+        if t is None or t.numel() < numel or t.dtype != dtype or t.device != device:
+            t = torch.empty(numel, dtype=dtype, device=device)
+            self._bufs[(kind, slot)] = t
+        return t[:numel]
+
+    def clear(self) -> None:
+        self._bufs.clear()
+
+
 @torch.no_grad()
 def iter_hf_buckets(
     model_chunks: Sequence[torch.nn.Module],
@@ -206,11 +230,17 @@ def iter_hf_buckets(
     tp_group: dist.ProcessGroup | None = None,
     pp_group: dist.ProcessGroup | None = None,
     spec: ArchSpec | None = None,
+    buffers: ExportBuffers | None = None,
 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Yield, bucket by bucket, ``[(hf_name, full tensor)]`` of the whole model on every rank.
 
     Must be iterated to the end on every rank of the replica (collectives). Groups default to
     Megatron's TP and PP groups (after ``init_parallel``).
+
+    Pipelined: bucket k+1 is packed and its TP ``all_gather`` started (asynchronously) before
+    bucket k is merged and handed to the consumer, so the transfer overlaps the engine's copy.
+    The yielded tensors are views into reused buffers: those of bucket k stay valid while bucket
+    k+1 is consumed and are overwritten when bucket k+2 is produced (copy what you keep longer).
     """
     spec = spec or spec_for_arch(cfg.model.arch)
     tp_group = tp_group if tp_group is not None else ps.get_tensor_model_parallel_group()
@@ -226,10 +256,37 @@ def iter_hf_buckets(
     device = next(iter(params.values())).device
     d = Dims.of(cfg.model)
     plan = export_plan(cfg, tp=tp, pp=pp, vpp=vpp, bucket_mb=bucket_mb, spec=spec, dtype_bytes=dtype.itemsize)
-    for bucket in plan:
-        full = torch.empty(bucket.full_numel, dtype=dtype, device=device)
-        if bucket.pp_rank == pp_rank:
-            _fill_bucket(full, bucket, params, tp, tp_group)
+    buffers = buffers if buffers is not None else ExportBuffers()
+    max_full = max(b.full_numel for b in plan)
+    max_local = max(b.local_numel for b in plan)
+
+    def start(k: int):
+        """Owner stage of bucket k: pack its shards into slot k % 2 and launch the TP gather."""
+        bucket, slot = plan[k], k % 2
+        if bucket.pp_rank != pp_rank:
+            return None
+        packed = buffers.get("packed", slot, max_local, dtype, device)[: bucket.local_numel]
+        offset = 0
+        for item in bucket.items:
+            if item.gathered:
+                n = _numel(item.local_shape)
+                packed[offset : offset + n].view(item.local_shape).copy_(_find(params, item))
+                offset += n
+        if tp == 1 or bucket.local_numel == 0:
+            return packed.view(1, -1), None
+        gathered = buffers.get("gathered", slot, tp * max_local, dtype, device)[: tp * bucket.local_numel]
+        work = dist.all_gather_into_tensor(gathered, packed, group=tp_group, async_op=True)
+        return gathered.view(tp, -1), work
+
+    pending = start(0)
+    for k, bucket in enumerate(plan):
+        current = pending
+        if current is not None and current[1] is not None:
+            current[1].wait()
+        pending = start(k + 1) if k + 1 < len(plan) else None
+        full = buffers.get("full", k % 2, max_full, dtype, device)[: bucket.full_numel]
+        if current is not None:
+            _merge_bucket(full, bucket, current[0], params)
         if pp > 1:
             dist.broadcast(full, group=pp_group, group_src=bucket.pp_rank)
         out: list[tuple[str, torch.Tensor]] = []
@@ -245,24 +302,9 @@ def iter_hf_buckets(
         yield out
 
 
-def _fill_bucket(full: torch.Tensor, bucket: Bucket, params: dict, tp: int, tp_group) -> None:
-    """Owner stage: pack the local shards, gather them over TP, write the full tensors into ``full``."""
-    dtype, device = full.dtype, full.device
-    local_n = bucket.local_numel
-    packed = torch.empty(local_n, dtype=dtype, device=device)
-    offset = 0
-    for item in bucket.items:
-        p = _find(params, item)
-        if item.gathered:
-            n = _numel(item.local_shape)
-            packed[offset : offset + n].view(item.local_shape).copy_(p)
-            offset += n
-    if tp > 1 and local_n:
-        gathered = torch.empty(tp * local_n, dtype=dtype, device=device)
-        dist.all_gather_into_tensor(gathered, packed, group=tp_group)
-        gathered = gathered.view(tp, local_n)
-    else:
-        gathered = packed.view(1, local_n)
+def _merge_bucket(full: torch.Tensor, bucket: Bucket, gathered: torch.Tensor, params: dict) -> None:
+    """Write the bucket's full tensors into ``full`` from the gathered shards ``[tp, local_numel]``
+    (replicated tensors straight from the local parameter)."""
     g_off = f_off = 0
     for item in bucket.items:
         n_full = _numel(item.tm.shape)

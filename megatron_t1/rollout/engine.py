@@ -144,7 +144,7 @@ class RolloutEngine(Protocol):
 
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Copy HF-named full tensors into the engine's model in place; returns how many were loaded.
-        The iterator may yield views into buffers that are reused after the next item."""
+        The tensors may be views into buffers the stream reuses: copy them as they come."""
         ...
 
     def close(self) -> None:

@@ -501,7 +501,9 @@ class _NCCLSender:
         def counted():
             for name, t in named_tensors:
                 count[0] += 1
-                yield name, t.cuda() if not t.is_cuda else t
+                # vLLM's packer holds tensors until its buffer is full, longer than the export
+                # keeps a bucket's views valid: give it its own copy.
+                yield name, t.to("cuda", copy=True)
 
         self.source.stream = counted()
         try:

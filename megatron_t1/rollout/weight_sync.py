@@ -79,9 +79,11 @@ def push_weights(
     *,
     bucket_mb: float = 512,
     include_tied_lm_head: bool = True,
+    buffers: Any = None,
 ) -> tuple[int, int, float]:
     """Stream the policy's weights into ``engine`` (None on ranks without one; they still take part
-    in the collectives). Returns ``(tensors loaded, bytes streamed, seconds)``."""
+    in the collectives). ``buffers``: an :class:`megatron_t1.mcore.export.ExportBuffers` kept
+    between syncs. Returns ``(tensors loaded, bytes streamed, seconds)``."""
     from megatron_t1.mcore.export import iter_hf_tensors
 
     counted = {"bytes": 0}
@@ -89,7 +91,7 @@ def push_weights(
     def stream():
         last = None
         for name, t in iter_hf_tensors(
-            model_chunks, cfg, bucket_mb=bucket_mb, include_tied_lm_head=include_tied_lm_head
+            model_chunks, cfg, bucket_mb=bucket_mb, include_tied_lm_head=include_tied_lm_head, buffers=buffers
         ):
             if t is not last:  # the tied head follows the embedding as the same tensor: count it once
                 counted["bytes"] += t.numel() * t.element_size()
@@ -201,17 +203,23 @@ class WeightSync:
         self.probe = [list(s) for s in (probe or probe_sequences(cfg.model.vocab_size))]
         self.include_tied_lm_head = include_tied_lm_head
         self.group = group
+        self.buffers = None  # the export's reusable buckets, created on the first sync
 
     def __call__(
         self, engine: RolloutEngine | None, model_chunks: Sequence[torch.nn.Module], *, check: bool = True
     ) -> SyncResult:
         """Sync, probe, and raise :class:`ParityError` (on every rank) when parity is broken."""
+        if self.buffers is None:
+            from megatron_t1.mcore.export import ExportBuffers
+
+            self.buffers = ExportBuffers()
         loaded, nbytes, seconds = push_weights(
             engine,
             model_chunks,
             self.cfg,
             bucket_mb=self.bucket_mb,
             include_tied_lm_head=self.include_tied_lm_head,
+            buffers=self.buffers,
         )
         start = time.perf_counter()
         mean, worst = parity_probe(engine, model_chunks, self.cfg, self.probe, group=self.group)

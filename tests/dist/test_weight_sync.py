@@ -109,7 +109,8 @@ def _worker(rank, world):
     sync = WeightSync(cfg, bucket_mb=0.02, threshold=1e-3)  # ~20 KB buckets: many of them
 
     ref = _naive_export(chunks, cfg)
-    got = list(iter_hf_tensors(chunks, cfg, bucket_mb=0.02))
+    # Clones: the stream's tensors are views into reused (double-buffered) bucket buffers.
+    got = [(n, t.clone()) for n, t in iter_hf_tensors(chunks, cfg, bucket_mb=0.02)]
     res["export_names"] = [n for n, _ in got]
     res["export_ref_names"] = sorted(ref)
     res["export_max_diff"] = max((t - ref[n]).abs().max().item() for n, t in got)
