@@ -326,6 +326,10 @@ class RolloutConfig:
     """Nucleus sampling. RL keeps 1.0 so that trainer and sampler agree."""
     top_k: int = -1
     """Top-k (-1 disables). RL keeps -1."""
+    min_p: float = 0.0
+    """Min-p truncation (0 disables). RL keeps 0."""
+    stop: list[str] = field(default_factory=list)
+    """Stop strings, kept in the output; EOS always stops."""
     max_new_tokens: int = 16384
     """Generation limit; hitting it is the over-long penalty (T1: 16384 for 32B, 10240 for 9B/14B)."""
     bucket_mb: int = 512
@@ -338,6 +342,16 @@ class RolloutConfig:
     """vLLM's share of GPU memory when colocated."""
     parity_threshold: float = 0.05
     """Max mean |log-prob difference| between engine and trainer after a sync before the run stops."""
+    vllm_mode: Literal["colocated", "server"] = "colocated"
+    """vLLM inside the training job (sleep/wake around training) or `vllm serve` on other nodes."""
+    server_urls: list[str] = field(default_factory=list)
+    """Server mode: one base URL per engine."""
+    weight_transfer: Literal["filesystem", "nccl"] = "filesystem"
+    """Server mode: how weights reach the servers (safetensors in shared_dir, or vLLM's NCCL transfer)."""
+    shared_dir: str | None = None
+    """Server mode with filesystem transfer: a folder both sides see."""
+    sleep_level: int = 1
+    """Colocated vLLM sleep level during training: 1 offloads its weights, 2 drops them."""
 
     def __post_init__(self) -> None:
         if self.n_samples < 2:
@@ -346,6 +360,14 @@ class RolloutConfig:
             raise ConfigError(f"rollout.keep must be in [2, n_samples={self.n_samples}], got {self.keep}")
         if self.temperature <= 0:
             raise ConfigError(f"rollout.temperature must be > 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"rollout.top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < -1:
+            raise ConfigError(f"rollout.top_k must be -1 (off) or >= 0, got {self.top_k}")
+        if not 0.0 <= self.min_p < 1.0:
+            raise ConfigError(f"rollout.min_p must be in [0, 1), got {self.min_p}")
+        if self.sleep_level not in (1, 2):
+            raise ConfigError(f"rollout.sleep_level must be 1 or 2, got {self.sleep_level}")
 
 
 @dataclass
