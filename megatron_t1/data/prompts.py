@@ -12,9 +12,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-import torch
-
 from megatron_t1.data.io import DataError, read_records
+from megatron_t1.data.order import step_slice
 
 QUESTION_FIELDS = ("question", "problem", "prompt")
 ANSWER_FIELDS = ("answer", "final_answer", "solution")
@@ -66,10 +65,4 @@ def load_prompts(path: str | os.PathLike) -> list[PromptItem]:
 
 def step_prompts(items: list[PromptItem], step: int, per_step: int, seed: int) -> list[PromptItem]:
     """Prompts of RL step ``step`` (0-based): the epochs' shuffled orders laid end to end."""
-    n = len(items)
-    out = []
-    for pos in range(step * per_step, (step + 1) * per_step):
-        epoch, i = divmod(pos, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
-        out.append(items[int(perm[i])])
-    return out
+    return step_slice(items, step, per_step, seed)

@@ -22,7 +22,6 @@ never silently restarts from ``init_from``.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from collections.abc import Sequence
@@ -36,7 +35,15 @@ from megatron.core import dist_checkpointing, tensor_parallel
 from megatron_t1.config import Config, ConfigError
 
 # One source for the on-disk format, shared with the offline converter.
-from megatron_t1.convert.torch_dist import FORMAT, METADATA_FILE, MODEL_PREFIX  # noqa: E402
+from megatron_t1.convert.maps import ConvertError
+from megatron_t1.convert.torch_dist import (
+    FORMAT,  # noqa: F401  (re-exported: one source for the format)
+    METADATA_FILE,  # noqa: F401
+    MODEL_PREFIX,
+    read_checkpoint_metadata,
+    resolve_checkpoint_dir,
+    write_checkpoint_metadata,
+)
 from megatron_t1.errors import CheckpointError
 from megatron_t1.mcore.model import unwrap
 
@@ -48,41 +55,38 @@ def _model_sharded_sd(chunks: Sequence[torch.nn.Module]) -> dict:
 
 
 def write_metadata(ckpt_dir: str | os.PathLike, cfg: Config, *, step: int, extra: dict | None = None) -> None:
-    """Write ``megatron_t1.json`` atomically."""
-    import dataclasses
-
+    """Write ``megatron_t1.json`` atomically (the converter's layout, plus what lets mcore-to-hf export
+    a trained checkpoint without an --hf-template)."""
     from megatron_t1.convert.registry import spec_for_arch
 
-    meta = {
-        "format": FORMAT,
-        "step": step,
-        "model": dataclasses.asdict(cfg.model),
-        "tp": cfg.parallel.tp,
-        "pp": cfg.parallel.pp,
-        # Lets mcore-to-hf export a trained checkpoint without an --hf-template.
-        "hf_architecture": spec_for_arch(cfg.model.arch).hf_architecture,
-        "key_prefix": MODEL_PREFIX,
+    write_checkpoint_metadata(
+        ckpt_dir,
+        cfg.model,
+        tp=cfg.parallel.tp,
+        pp=cfg.parallel.pp,
+        step=step,
+        hf_architecture=spec_for_arch(cfg.model.arch).hf_architecture,
+        key_prefix=MODEL_PREFIX,
         **(extra or {}),
-    }
-    p = Path(ckpt_dir) / METADATA_FILE
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, p)
+    )
 
 
 def read_metadata(ckpt_dir: str | os.PathLike) -> dict:
-    """Read and check ``megatron_t1.json``; a folder without it is not a complete checkpoint."""
-    p = Path(ckpt_dir) / METADATA_FILE
-    if not Path(ckpt_dir).is_dir():
-        raise CheckpointError(f"checkpoint folder not found: {ckpt_dir}")
-    if not p.is_file():
-        raise CheckpointError(
-            f"{ckpt_dir} is not a complete megatron_t1 checkpoint (no {METADATA_FILE}; an interrupted save?)"
-        )
-    meta = json.loads(p.read_text())
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{p}: unknown format {meta.get('format')!r} (expected {FORMAT!r})")
-    return meta
+    """Read and check ``megatron_t1.json``; a folder without it is not a complete checkpoint
+    (an interrupted save, or not ours): a :class:`CheckpointError` naming the folder."""
+    try:
+        return read_checkpoint_metadata(ckpt_dir)
+    except ConvertError as e:
+        raise CheckpointError(str(e)) from None
+
+
+def resolve_init_from(path: str | os.PathLike) -> Path:
+    """``checkpoint.init_from`` may name a checkpoint folder, a run's ``checkpoints/`` (its ``latest``)
+    or a run folder (its ``checkpoints/latest``)."""
+    p = Path(path)
+    if (p / "checkpoints" / "latest").is_file():
+        p = p / "checkpoints"
+    return resolve_checkpoint_dir(p)
 
 
 def check_compatible(meta: dict, cfg: Config, where: str) -> None:

@@ -27,14 +27,19 @@ from megatron_t1.data.prompts import load_prompts, step_prompts
 from megatron_t1.data.synthetic import prompt_messages
 from megatron_t1.log import RunLogger
 from megatron_t1.mcore.anchor_store import AnchorStore
-from megatron_t1.mcore.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_t1.mcore.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    resolve_init_from,
+    save_checkpoint,
+)
 from megatron_t1.mcore.model import build_model
 from megatron_t1.mcore.parallel import ParallelContext, init_parallel
 from megatron_t1.mcore.rl_forward import compute_logprobs, rl_forward_step
 from megatron_t1.mcore.train_step import build_optimizer, train_step
 from megatron_t1.rl.advantage import t1_advantages
 from megatron_t1.rl.oversample import select_responses
-from megatron_t1.train.sft import _resolve_ckpt, load_tokenizer
+from megatron_t1.train.sft import load_tokenizer
 
 
 def _broadcast(obj, ctx: ParallelContext):
@@ -127,7 +132,7 @@ def run_rl(cfg: Config) -> dict:
     ckpt_root = run_dir / "checkpoints"
     latest = latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
     if latest is None and cfg.checkpoint.init_from:
-        load_checkpoint(_resolve_ckpt(cfg.checkpoint.init_from), cfg, chunks, weights_only=True)
+        load_checkpoint(resolve_init_from(cfg.checkpoint.init_from), cfg, chunks, weights_only=True)
     anchor = AnchorStore(chunks, cfg.anchor)  # = the starting policy
     start = 0
     if latest is not None:

@@ -13,13 +13,17 @@ import math
 import time
 from pathlib import Path
 
-import torch
-
 from megatron_t1.config import Config, ConfigError, save_config
+from megatron_t1.data.order import step_slice
 from megatron_t1.data.packing import PackedSeq, micro_batches, pack_sequences
 from megatron_t1.data.sft import SFTDataset
 from megatron_t1.log import RunLogger
-from megatron_t1.mcore.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from megatron_t1.mcore.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    resolve_init_from,
+    save_checkpoint,
+)
 from megatron_t1.mcore.forward import sft_forward_step, to_device
 from megatron_t1.mcore.model import build_model
 from megatron_t1.mcore.parallel import ParallelContext, init_parallel
@@ -40,17 +44,6 @@ def load_tokenizer(cfg: Config):
             f"model.vocab_size={cfg.model.vocab_size} < tokenizer size {len(tok)} ({cfg.model.tokenizer})"
         )
     return tok
-
-
-def global_batch_rows(rows: list[PackedSeq], step: int, global_batch: int, seed: int) -> list[PackedSeq]:
-    """Rows of optimizer step ``step`` (0-based): the epochs' shuffled orders laid end to end."""
-    n = len(rows)
-    out = []
-    for pos in range(step * global_batch, (step + 1) * global_batch):
-        epoch, i = divmod(pos, n)
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch))
-        out.append(rows[int(perm[i])])
-    return out
 
 
 def rank_microbatches(rows: list[PackedSeq], ctx: ParallelContext, micro: int, pad_id: int) -> list[dict]:
@@ -94,7 +87,7 @@ def run_sft(cfg: Config) -> dict:
     if latest is not None:
         start = load_checkpoint(latest, cfg, chunks, optimizer, scheduler)["step"]
     elif cfg.checkpoint.init_from:
-        load_checkpoint(_resolve_ckpt(cfg.checkpoint.init_from), cfg, chunks, weights_only=True)
+        load_checkpoint(resolve_init_from(cfg.checkpoint.init_from), cfg, chunks, weights_only=True)
 
     logger = RunLogger(
         run_dir,
@@ -114,7 +107,7 @@ def run_sft(cfg: Config) -> dict:
     res = None
     tokens_since_log = 0
     for step in range(start, cfg.run.train_steps):
-        batch = global_batch_rows(rows, step, cfg.data.global_batch_size, cfg.data.seed)
+        batch = step_slice(rows, step, cfg.data.global_batch_size, cfg.data.seed)
         mbs = rank_microbatches(batch, ctx, cfg.data.micro_batch_size, pad_id)
         res = train_step(
             chunks,
@@ -159,12 +152,3 @@ def run_sft(cfg: Config) -> dict:
         logger.info(f"validation loss {summary['valid_loss']:.4f}")
     logger.close()
     return summary
-
-
-def _resolve_ckpt(path: str) -> Path:
-    """``init_from`` may name a checkpoint folder or a run's checkpoints root (uses its ``latest``)."""
-    p = Path(path)
-    found = latest_checkpoint(p) if (p / "latest").exists() else None
-    if found is None and (p / "checkpoints" / "latest").exists():
-        found = latest_checkpoint(p / "checkpoints")
-    return found or p
