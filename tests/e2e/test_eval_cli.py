@@ -6,39 +6,18 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
-import subprocess
 import sys
 from collections import defaultdict
-from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+from tests.e2e.proc import run_cli
 
-ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
 
 
 def _run(args, timeout):
-    """Run in its own process group; on timeout the whole group is killed."""
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(
-        args,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise AssertionError(f"timed out after {timeout}s: {' '.join(args)}\n{err[-3000:]}") from None
-    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+    return run_cli(args, timeout=timeout)
 
 
 def _eval_command() -> list[str]:

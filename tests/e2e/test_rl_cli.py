@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_sft_cli import _run
+from tests.e2e.proc import run_cli as _run
 
 pytestmark = pytest.mark.slow
 

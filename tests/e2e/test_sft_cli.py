@@ -4,17 +4,14 @@ with TP=2 trains the same model, and bad input fails with one clear line and not
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+from tests.e2e.proc import run_cli
 
-ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
@@ -48,25 +45,7 @@ log: {{progress_bar: false}}
 
 
 def _run(args, env_extra=None, timeout=240):
-    """Run a command in its own process group; on timeout the whole group (torchrun's workers
-    included) is killed, so a hung collective cannot outlive the test."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
-    proc = subprocess.Popen(
-        args,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        raise AssertionError(f"timed out after {timeout}s: {' '.join(args)}\n{err[-3000:]}") from None
-    return subprocess.CompletedProcess(args, proc.returncode, out, err)
+    return run_cli(args, timeout=timeout, env_extra=env_extra)
 
 
 def _losses(run_dir: Path) -> dict[int, float]:
