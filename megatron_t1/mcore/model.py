@@ -90,7 +90,12 @@ def layer_spec(cfg: Config):
     """TE spec when TransformerEngine is usable, the local (pure Megatron) spec otherwise."""
     if te_available():
         return get_gpt_layer_with_transformer_engine_spec()
-    return get_gpt_layer_local_spec(normalization=cfg.model.normalization)
+    spec = get_gpt_layer_local_spec(normalization=cfg.model.normalization)
+    if cfg.model.core_attention == "sdpa":
+        from megatron_t1.mcore.sdpa_attention import SDPAttention
+
+        spec.submodules.self_attention.submodules.core_attention = SDPAttention
+    return spec
 
 
 def build_model(cfg: Config, *, wrap_ddp: bool = True) -> list[torch.nn.Module]:
