@@ -182,11 +182,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from megatron_t1.config import ConfigError
     from megatron_t1.data.io import DataError
-    from megatron_t1.errors import CheckpointError
+    from megatron_t1.errors import CheckpointError, TrainingError
 
     try:
         return args.func(args)
-    except (ConfigError, DataError, CheckpointError) as e:
+    except (ConfigError, DataError, CheckpointError, TrainingError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 

@@ -295,6 +295,9 @@ class RunConfig:
     """Optimizer steps (SFT: over the packed data, cycling epochs; RL: rollout batches)."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """auto = cuda when available."""
+    max_skipped_steps: int = 3
+    """A step whose loss or gradient norm is not finite is skipped (weights untouched) and logged;
+    this many skipped steps in a row stop the run with an error."""
     exit_interval: int | None = None
     """Stop (after saving a checkpoint) every N steps; rerunning the same command resumes. For
     preemptible queues and time-limited jobs, like Megatron-LM's --exit-interval."""
@@ -306,6 +309,8 @@ class RunConfig:
             raise ConfigError(f"run.train_steps must be >= 1, got {self.train_steps}")
         if self.exit_interval is not None and self.exit_interval < 1:
             raise ConfigError(f"run.exit_interval must be >= 1 or null, got {self.exit_interval}")
+        if self.max_skipped_steps < 1:
+            raise ConfigError(f"run.max_skipped_steps must be >= 1, got {self.max_skipped_steps}")
 
     @property
     def run_dir(self) -> Path:

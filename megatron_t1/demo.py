@@ -1,28 +1,47 @@
-"""The one-command CPU demo (``make demo`` / ``python -m megatron_t1 demo``).
+"""The one-command CPU demo (``make demo`` / ``python -m megatron_t1 demo``): T1 end to end, small.
 
-1. Build the synthetic arithmetic task: SFT traces in T1's trial-and-error style, held-out problems,
-   and a byte-level BPE tokenizer trained on them (nothing is downloaded).
-2. SFT a tiny policy with Megatron-Core on CPU (``examples/tiny_cpu/sft.yaml``).
-3. Export the checkpoint as an HF folder (the converter) and measure held-out accuracy with greedy
-   decoding, scored by T1's reward (math-verify).
-4. Write ``summary.json`` (sft_accuracy, heldout_size, wall_seconds, ...) into the run folder.
-
-The RL stage joins here when the RL trainer lands (see the open issues).
+1. Build the synthetic arithmetic task: SFT traces in T1's trial-and-error style, RL prompts,
+   held-out problems, and a byte-level BPE tokenizer trained on them (nothing is downloaded).
+2. SFT a tiny policy with Megatron-Core on CPU (``examples/tiny_cpu/sft.yaml``); export it as an HF
+   folder with the converter.
+3. T1 RL from the SFT checkpoint (``examples/tiny_cpu/rl.yaml``): the transformers rollout engine,
+   rule rewards, RLOO with the KL to an EMA anchor, entropy bonus. Most steps run at TP=1 in this
+   process; the last ``tp2_steps`` resume the same run under ``torchrun`` with TP=2 over two gloo
+   processes (the checkpoint is resharded on load), which then exports the final policy.
+4. Evaluate SFT and RL policies on the held-out problems (greedy, scored by T1's reward) and run
+   the inference-scaling sweep (thinking cut at each budget, the policy summarises): table + PNG.
+5. Write ``summary.json``: ``sft_accuracy``, ``rl_accuracy``, their standard errors, the paired
+   standard error of the difference, ``heldout_size``, per-stage and total ``wall_seconds``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
+import subprocess
+import sys
 import time
 from pathlib import Path
 
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "tiny_cpu" / "sft.yaml"
+ROOT = Path(__file__).resolve().parent.parent
+SFT_EXAMPLE = ROOT / "examples" / "tiny_cpu" / "sft.yaml"
+RL_EXAMPLE = ROOT / "examples" / "tiny_cpu" / "rl.yaml"
+N_RL_PROMPTS = 4000
+BUDGETS = (16, 32, 64, 128, 256)
 
 
-def build_task(data_dir: Path, *, seed: int, n_train: int, n_heldout: int, vocab_size: int) -> dict:
-    """Write sft_train.jsonl, heldout.jsonl and tokenizer/ into ``data_dir`` (idempotent)."""
+def build_task(
+    data_dir: Path,
+    *,
+    seed: int,
+    n_train: int,
+    n_heldout: int,
+    vocab_size: int,
+    difficulty: dict | None = None,
+) -> dict:
+    """Write sft_train.jsonl, rl_prompts.jsonl, heldout.jsonl and tokenizer/ into ``data_dir``."""
     from megatron_t1.data.io import write_jsonl_atomic
     from megatron_t1.data.synthetic import make_problems, make_sft_examples
     from megatron_t1.data.tokenizer import chat_corpus, train_tokenizer
@@ -30,96 +49,205 @@ def build_task(data_dir: Path, *, seed: int, n_train: int, n_heldout: int, vocab
     data_dir.mkdir(parents=True, exist_ok=True)
     paths = {
         "train": data_dir / "sft_train.jsonl",
+        "rl": data_dir / "rl_prompts.jsonl",
         "heldout": data_dir / "heldout.jsonl",
         "tokenizer": data_dir / "tokenizer",
     }
-    examples = make_sft_examples(n_train, seed)
-    heldout = make_problems(n_heldout, seed, "heldout")
+    difficulty = difficulty or {}
+    examples = make_sft_examples(n_train, seed, **difficulty)
+    heldout = make_problems(n_heldout, seed, "heldout", **difficulty)
+    rl = make_problems(
+        N_RL_PROMPTS, seed + 1, "train", **difficulty
+    )  # another draw than the SFT traces' problems
     write_jsonl_atomic(paths["train"], examples)
-    write_jsonl_atomic(paths["heldout"], [{"question": p.question, "answer": p.answer} for p in heldout])
+    write_jsonl_atomic(paths["rl"], [{"question": p.question, "answer": p.answer} for p in rl])
+    write_jsonl_atomic(
+        paths["heldout"],
+        [{"id": f"h{i}", "question": p.question, "answer": p.answer} for i, p in enumerate(heldout)],
+    )
     if not (paths["tokenizer"] / "tokenizer.json").exists():
         tmp = data_dir / "tokenizer.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         train_tokenizer(chat_corpus(examples), vocab_size, tmp)
         os.replace(tmp, paths["tokenizer"])
-    return {"paths": paths, "heldout": heldout}
+    return paths
 
 
-def run_demo(out_dir: str = "runs/demo", *, seed: int = 1234, quick: bool = False) -> dict:
+def paired_difference(sft: dict[str, float], rl: dict[str, float]) -> tuple[float, float]:
+    """(mean of rl - sft, its standard error) over the problems both evaluated (per-problem scores)."""
+    ids = sorted(set(sft) & set(rl))
+    d = [rl[i] - sft[i] for i in ids]
+    if len(d) < 2:
+        return float("nan"), float("nan")
+    m = sum(d) / len(d)
+    var = sum((x - m) ** 2 for x in d) / (len(d) - 1)
+    return m, math.sqrt(var / len(d))
+
+
+def _per_problem(responses: Path, label: str) -> dict[str, float]:
+    scores: dict[str, list[float]] = {}
+    for line in responses.read_text().splitlines():
+        r = json.loads(line)
+        if r["checkpoint"] == label:
+            scores.setdefault(r["problem_id"], []).append(float(r["correct"]))
+    return {k: sum(v) / len(v) for k, v in scores.items()}
+
+
+def _rl_tp2(out: Path, steps: int, log) -> None:
+    """Resume the RL run for its last steps with TP=2 over two local processes (torchrun)."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "megatron_t1",
+        "rl",
+        "--config",
+        str(out / "rl" / "config.yaml"),
+        "--set",
+        "parallel.tensor_model_parallel_size=2",
+        "--set",
+        "run.exit_interval=null",
+    ]
+    log(f"[demo] RL: last {steps} steps with TP=2 over 2 processes: {' '.join(cmd[2:])}")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, env=env, cwd=os.getcwd())
+    if r.returncode != 0:
+        raise RuntimeError(f"the TP=2 phase of the RL run failed (exit code {r.returncode}); see above")
+
+
+def run_demo(
+    out_dir: str = "runs/demo", *, seed: int = 1234, quick: bool = False, tp2_steps: int = 2, log=print
+) -> dict:
     """Run the demo end to end; returns (and writes) the summary."""
     import torch
 
     from megatron_t1.config import load_config
     from megatron_t1.convert.offline import mcore_to_hf
-    from megatron_t1.eval.heldout import evaluate_hf
+    from megatron_t1.eval.cli import run_eval
+    from megatron_t1.eval.loaders import load_problems
     from megatron_t1.mcore.parallel import destroy_parallel
+    from megatron_t1.reward import RewardConfig
+    from megatron_t1.train.rl import run_rl
     from megatron_t1.train.sft import run_sft
 
     t0 = time.perf_counter()
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     out = Path(out_dir)
-    base = load_config(EXAMPLE)
-    heldout_size = 100 if quick else base.eval.heldout_size
-    task = build_task(
+    sft_base, rl_base = load_config(SFT_EXAMPLE), load_config(RL_EXAMPLE)
+    heldout_size = 100 if quick else sft_base.eval.heldout_size
+    paths = build_task(
         out / "data",
         seed=seed,
-        n_train=base.data.global_batch_size * 50 if quick else 12000,
+        n_train=sft_base.data.global_batch_size * 50 if quick else 12000,
         n_heldout=heldout_size,
-        vocab_size=base.model.vocab_size,
+        vocab_size=sft_base.model.vocab_size,
     )
-    paths = task["paths"]
-    print(f"[demo] task: {paths['train']} ({heldout_size} held-out problems), tokenizer {paths['tokenizer']}")
-
-    overrides = [
+    log(f"[demo] task: {paths['train']}, {paths['rl']}, {heldout_size} held-out problems")
+    common = [
         f"run.output_dir={out}",
-        "run.name=sft",
         f"run.seed={seed}",
         f"data.seed={seed}",
-        f"data.train_path={paths['train']}",
         f"model.tokenizer={paths['tokenizer']}",
     ]
-    if quick:
-        overrides += ["run.train_steps=20"]
-    cfg = load_config(EXAMPLE, overrides)
-    t_sft = time.perf_counter()
-    sft = run_sft(cfg)
-    destroy_parallel()
-    sft_seconds = time.perf_counter() - t_sft
+    times: dict[str, float] = {}
 
-    hf_dir = out / "sft_hf"
-    if hf_dir.exists():
-        shutil.rmtree(hf_dir)
-    mcore_to_hf(out / "sft" / "checkpoints", hf_dir, progress=False)
-    for f in Path(paths["tokenizer"]).iterdir():  # the export carries no tokenizer of its own here
-        if f.is_file() and not (hf_dir / f.name).exists():
-            shutil.copy2(f, hf_dir / f.name)
-
-    t_eval = time.perf_counter()
-    res = evaluate_hf(
-        hf_dir,
-        task["heldout"],
-        max_new_tokens=cfg.eval.max_new_tokens,
-        temperature=0.0,
-        seed=seed,
+    # -- SFT ----------------------------------------------------------------------------------------
+    t = time.perf_counter()
+    sft_cfg = load_config(
+        SFT_EXAMPLE,
+        [*common, "run.name=sft", f"data.train_path={paths['train']}"]
+        + (["run.train_steps=20"] if quick else []),
     )
-    eval_seconds = time.perf_counter() - t_eval
-    (out / "sft_heldout.jsonl").write_text("\n".join(json.dumps(r) for r in res.records) + "\n")
+    sft = run_sft(sft_cfg)
+    destroy_parallel()
+    times["sft_seconds"] = time.perf_counter() - t
+    sft_hf = out / "sft_hf"
+    shutil.rmtree(sft_hf, ignore_errors=True)
+    mcore_to_hf(out / "sft" / "checkpoints", sft_hf, progress=False)
+    for f in Path(paths["tokenizer"]).iterdir():  # the export carries no tokenizer of its own here
+        if f.is_file() and not (sft_hf / f.name).exists():
+            shutil.copy2(f, sft_hf / f.name)
+    log(f"[demo] SFT done in {times['sft_seconds']:.0f}s (final loss {sft['final_loss']:.4f})")
+
+    # -- RL: TP=1 in this process, then the last steps at TP=2 ----------------------------------------
+    t = time.perf_counter()
+    steps = 3 if quick else rl_base.run.train_steps
+    tp2 = min(tp2_steps, steps - 1)
+    rl_over = [
+        *common,
+        "run.name=rl",
+        f"run.train_steps={steps}",
+        f"data.train_path={paths['rl']}",
+        f"checkpoint.init_from={out / 'sft' / 'checkpoints'}",
+        "checkpoint.save_interval=0",
+    ]
+    if quick:
+        rl_over += ["rollout.prompts_per_step=4", "rollout.max_new_tokens=64", "data.seq_length=192"]
+    if tp2 > 0:
+        rl_over.append(f"run.exit_interval={steps - tp2}")
+    shutil.rmtree(out / "rl", ignore_errors=True)  # the demo always starts RL from its fresh SFT
+    rl = run_rl(load_config(RL_EXAMPLE, rl_over))
+    destroy_parallel()
+    if tp2 > 0:
+        _rl_tp2(out, tp2, log)
+    times["rl_seconds"] = time.perf_counter() - t
+    rl_hf = out / "rl" / "hf"
+    log(f"[demo] RL done in {times['rl_seconds']:.0f}s; final policy {rl_hf}")
+
+    # -- evaluation + inference scaling -------------------------------------------------------------
+    t = time.perf_counter()
+    problems = {"heldout": load_problems([paths["heldout"]], "heldout")}
+    max_new = rl_base.eval.max_new_tokens
+    ev = run_eval(
+        [f"sft={sft_hf}", f"rl={rl_hf}"],
+        problems,
+        out / "eval",
+        n=1,
+        temperature=0.0,
+        max_new_tokens=max_new,
+        seed=seed,
+        budgets=[b for b in BUDGETS if b <= max_new],
+        summary_max_tokens=32,
+        reward_config=RewardConfig(num_workers=1),
+        log=log,
+    )
+    times["eval_seconds"] = time.perf_counter() - t
+    acc = {b["checkpoint"]: b["overall"] for b in ev["benchmarks"]}
+    per_problem = {k: _per_problem(out / "eval" / "responses.jsonl", k) for k in ("sft", "rl")}
+    diff, diff_se = paired_difference(per_problem["sft"], per_problem["rl"])
     summary = {
-        "sft_accuracy": res.accuracy,
-        "sft_accuracy_stderr": res.stderr,
-        "heldout_size": res.num_problems,
+        "sft_accuracy": acc["sft"]["accuracy"],
+        "sft_accuracy_stderr": acc["sft"]["stderr"],
+        "rl_accuracy": acc["rl"]["accuracy"],
+        "rl_accuracy_stderr": acc["rl"]["stderr"],
+        "rl_minus_sft": diff,
+        "rl_minus_sft_paired_stderr": diff_se,
+        "rl_minus_sft_in_stderr": diff / diff_se if diff_se else float("nan"),
+        "heldout_size": acc["rl"]["num_problems"],
+        "rl_steps": steps,
+        "rl_tp2_steps": tp2,
+        "rl_last_rollout_accuracy": rl.get("accuracy"),
+        "scaling": ev["scaling"],
+        "scaling_png": str(out / "eval" / "scaling.png"),
         "sft_final_loss": sft["final_loss"],
-        "sft_seconds": sft_seconds,
-        "eval_seconds": eval_seconds,
-        "mean_response_tokens": res.mean_response_tokens,
+        **times,
         "wall_seconds": time.perf_counter() - t0,
         "seed": seed,
     }
     tmp = out / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))
     os.replace(tmp, out / "summary.json")
-    print(
-        f"[demo] held-out accuracy after SFT: {res.accuracy:.1%} +- {res.stderr:.1%} "
-        f"({res.num_problems} problems, greedy); SFT {sft_seconds:.0f}s, eval {eval_seconds:.0f}s"
+    log(
+        f"[demo] held-out accuracy ({summary['heldout_size']} problems, greedy): "
+        f"SFT {summary['sft_accuracy']:.1%} +- {summary['sft_accuracy_stderr']:.1%} -> "
+        f"RL {summary['rl_accuracy']:.1%} +- {summary['rl_accuracy_stderr']:.1%} "
+        f"({diff:+.1%}, {summary['rl_minus_sft_in_stderr']:.1f} paired standard errors)"
+    )
+    log(
+        f"[demo] SFT {times['sft_seconds']:.0f}s, RL {times['rl_seconds']:.0f}s, eval + scaling "
+        f"{times['eval_seconds']:.0f}s, total {summary['wall_seconds']:.0f}s; plot {summary['scaling_png']}"
     )
     return summary

@@ -34,8 +34,10 @@ __all__ = ["DryRun", "dry_run", "expand_hostlist", "main", "sbatch_header"]
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIMMED = ("srun", "scontrol", "torchrun", "python")
-ENV_SHOWN = re.compile(r"^(CUDA_DEVICE_MAX_CONNECTIONS|NCCL_\w+|TORCH_NCCL_\w+|HF_HOME|VLLM_\w+|"
-                       r"PYTORCH_CUDA_ALLOC_CONF|MASTER_ADDR|MASTER_PORT|PYTHONPATH|OMP_NUM_THREADS)$")
+ENV_SHOWN = re.compile(
+    r"^(CUDA_DEVICE_MAX_CONNECTIONS|NCCL_\w+|TORCH_NCCL_\w+|HF_HOME|VLLM_\w+|"
+    r"PYTORCH_CUDA_ALLOC_CONF|MASTER_ADDR|MASTER_PORT|PYTHONPATH|OMP_NUM_THREADS)$"
+)
 NODE_LINE = re.compile(r"^\[node (\d+) (\S+)\] (?!env: )(.*)$")
 
 
@@ -218,8 +220,14 @@ def _shim_srun(args: list[str]) -> int:
     hosts = expand_hostlist(os.environ.get("SLURM_JOB_NODELIST", "node001")) or ["node001"]
     rc = 0
     for node in range(n):
-        env = dict(os.environ, SLURM_NODEID=str(node), SLURM_PROCID=str(node), SLURM_LOCALID="0",
-                   SLURM_STEP_ID="0", SLURMD_NODENAME=hosts[node % len(hosts)])
+        env = dict(
+            os.environ,
+            SLURM_NODEID=str(node),
+            SLURM_PROCID=str(node),
+            SLURM_LOCALID="0",
+            SLURM_STEP_ID="0",
+            SLURMD_NODENAME=hosts[node % len(hosts)],
+        )
         if "container-image" in opts:
             env["T1_DRY_CONTAINER"] = opts["container-image"]
         sys.stdout.flush()
@@ -255,12 +263,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gpus-per-node", type=int, default=None, help="like sbatch --gpus-per-node")
     parser.add_argument("--job-id", type=int, default=4242)
     parser.add_argument("--restart-count", type=int, default=0, help="SLURM_RESTART_COUNT (a requeued job)")
-    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
-                        help="variable for the script, e.g. --env CONTAINER_IMAGE=/images/t1.sqsh")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="variable for the script, e.g. --env CONTAINER_IMAGE=/images/t1.sqsh",
+    )
     args = parser.parse_args(argv)
     env = dict(kv.split("=", 1) for kv in args.env)
-    res = dry_run(args.script, nodes=args.nodes, gpus_per_node=args.gpus_per_node, job_id=args.job_id,
-                  restart_count=args.restart_count, env=env, cwd=os.getcwd())
+    res = dry_run(
+        args.script,
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        job_id=args.job_id,
+        restart_count=args.restart_count,
+        env=env,
+        cwd=os.getcwd(),
+    )
     sys.stdout.write(res.output)
     return res.returncode
 

@@ -47,8 +47,9 @@ class RunLogger:
 
             self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True)
 
-    def step(self, step: int, scalars: dict[str, float], *, tokens: int = 0) -> None:
-        """Record one step's scalars (``step`` counts from 1)."""
+    def step(self, step: int, scalars: dict[str, float], *, tokens: int = 0, advance: bool = True) -> None:
+        """Record one step's scalars (``step`` counts from 1; ``advance=False`` for a record that is not
+        a training step, e.g. the evaluation of the initial policy at step 0)."""
         if not self.enabled:
             return
         now = time.perf_counter()
@@ -66,7 +67,7 @@ class RunLogger:
         short = {k: scalars[k] for k in ("loss", "lr", "grad_norm", "tokens_per_s") if k in scalars}
         text = " ".join(f"{k}={v:.4g}" for k, v in short.items())
         if self._bar is not None:
-            self._bar.update(1)
+            self._bar.update(1 if advance else 0)
             self._bar.set_postfix_str(text)
         else:
             print(f"step {step}: {text}", flush=True)

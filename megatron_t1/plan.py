@@ -459,7 +459,8 @@ def _stage_items(x: PlanInputs, stage: int) -> tuple[list[Item], list[Item], flo
             "optimizer states",
             bpp["optimizer"] * n,
             ("12 B (fp32 master, Adam m, v)" if x.precision == "bf16" else "8 B (Adam m, v)")
-            + (f" / DP {x.dp}" if x.dist_opt else ", not sharded") + f" x {pn}",
+            + (f" / DP {x.dp}" if x.dist_opt else ", not sharded")
+            + f" x {pn}",
         ),
     ]
     if x.mode == "rl":
@@ -474,9 +475,22 @@ def _stage_items(x: PlanInputs, stage: int) -> tuple[list[Item], list[Item], flo
     s, b = x.seq_length, x.micro_batch
     q_w, kv_w = x.heads * x.head_dim, x.groups * x.head_dim
     kw = dict(
-        s=s, b=b, h=x.hidden, heads=x.heads, q_width=q_w, kv_width=kv_w, ffn=x.ffn, tp=x.tp, sp=x.sp,
-        swiglu=x.swiglu, attention=x.attention, elem=x.elem, hidden_dropout=x.hidden_dropout,
-        attention_dropout=x.attention_dropout, softmax_fp32=x.softmax_fp32, rope_copies=x.rope_copies,
+        s=s,
+        b=b,
+        h=x.hidden,
+        heads=x.heads,
+        q_width=q_w,
+        kv_width=kv_w,
+        ffn=x.ffn,
+        tp=x.tp,
+        sp=x.sp,
+        swiglu=x.swiglu,
+        attention=x.attention,
+        elem=x.elem,
+        hidden_dropout=x.hidden_dropout,
+        attention_dropout=x.attention_dropout,
+        softmax_fp32=x.softmax_fp32,
+        rope_copies=x.rope_copies,
         swiglu_fused=x.swiglu_fused,
     )
     per_layer = layer_activation_bytes(recompute=x.recompute, **kw)
@@ -659,8 +673,10 @@ def suggest(x: PlanInputs, *, max_items: int = 6) -> list[str]:
         cur = best[2]
         if best[0].fits:
             return ["together: " + ", ".join(steps) + f": peak {best[0].peak / GIB:.1f} GiB"]
-    return ["no change of TP, PP, micro-batch, recompute or offload found that fits: use more or larger GPUs"
-            + (f" (best reached: {', '.join(steps)})" if steps else "")]
+    return [
+        "no change of TP, PP, micro-batch, recompute or offload found that fits: use more or larger GPUs"
+        + (f" (best reached: {', '.join(steps)})" if steps else "")
+    ]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -725,8 +741,9 @@ def plan_to_dict(plan: Plan) -> dict:
         "capacity_gib": plan.capacity / GIB,
         "stage": plan.stage,
         "params_total": plan.params_total,
-        "phases": {p.name: {i.name: i.bytes / GIB for i in p.items} | {"total": p.total / GIB}
-                   for p in plan.phases},
+        "phases": {
+            p.name: {i.name: i.bytes / GIB for i in p.items} | {"total": p.total / GIB} for p in plan.phases
+        },
         "kv_concurrency": plan.kv_concurrency,
         "problems": plan.problems,
         "notes": plan.notes,
@@ -738,19 +755,45 @@ def plan_to_dict(plan: Plan) -> dict:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Flags of ``python -m megatron_t1 plan``."""
     parser.add_argument("--config", required=True, help="YAML config (see examples/)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="override a config field, e.g. --set data.micro_batch_size=2 (repeatable)")
-    parser.add_argument("--nodes", type=int, default=None,
-                        help="nodes of the job (default: the fewest that hold TP x PP GPUs)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set data.micro_batch_size=2 (repeatable)",
+    )
+    parser.add_argument(
+        "--nodes",
+        type=int,
+        default=None,
+        help="nodes of the job (default: the fewest that hold TP x PP GPUs)",
+    )
     parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
-    parser.add_argument("--gpu-mem", type=float, default=80.0,
-                        help="memory per GPU in GiB (default 80; an H100 80GB reports 79.6)")
-    parser.add_argument("--reserve-gib", type=float, default=3.0,
-                        help="CUDA context, NCCL buffers and fragmentation per GPU (default 3)")
-    parser.add_argument("--mode", choices=["auto", "sft", "rl"], default="auto",
-                        help="auto: rl when rollout.engine is vllm (adds the anchor and the rollout phase)")
-    parser.add_argument("--attention", choices=["flash", "unfused"], default="flash",
-                        help="flash: TransformerEngine spec (clusters); unfused: Megatron's local spec")
+    parser.add_argument(
+        "--gpu-mem",
+        type=float,
+        default=80.0,
+        help="memory per GPU in GiB (default 80; an H100 80GB reports 79.6)",
+    )
+    parser.add_argument(
+        "--reserve-gib",
+        type=float,
+        default=3.0,
+        help="CUDA context, NCCL buffers and fragmentation per GPU (default 3)",
+    )
+    parser.add_argument(
+        "--mode",
+        choices=["auto", "sft", "rl"],
+        default="auto",
+        help="auto: rl when rollout.engine is vllm (adds the anchor and the rollout phase)",
+    )
+    parser.add_argument(
+        "--attention",
+        choices=["flash", "unfused"],
+        default="flash",
+        help="flash: TransformerEngine spec (clusters); unfused: Megatron's local spec",
+    )
     parser.add_argument("--json", action="store_true", help="print a JSON summary instead of the table")
 
 

@@ -1,4 +1,4 @@
-"""Held-out accuracy of an HF-format policy: batched generation with transformers, T1's reward.
+"""Held-out accuracy of a policy (a rollout engine, or an HF folder), scored by T1's reward.
 
 pass@1 is the mean over ``n`` samples per problem (greedy when temperature is 0); its standard
 error is the standard deviation of the per-problem means over sqrt(number of problems). Answers
@@ -11,8 +11,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
-
-import torch
 
 
 @dataclass
@@ -39,99 +37,68 @@ def pass_at_1(correct: list[list[float]]) -> tuple[float, float]:
     return m, math.sqrt(var / len(means))
 
 
-@torch.no_grad()
-def generate(
-    model,
-    tokenizer,
-    prompts: list[list[dict]],
-    *,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    n: int = 1,
-    batch_size: int = 64,
-    seed: int = 0,
-) -> list[list[tuple[str, int, bool]]]:
-    """For every chat prompt, ``n`` responses as (text, new tokens, hit the length limit)."""
-    tokenizer.padding_side = "left"
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = tokenizer.eos_token_id
-    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-    out: list[list[tuple[str, int, bool]]] = [[] for _ in prompts]
-    torch.manual_seed(seed)
-    for start in range(0, len(texts), batch_size):
-        chunk = texts[start : start + batch_size]
-        enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False)
-        kw = dict(max_new_tokens=max_new_tokens, pad_token_id=pad, eos_token_id=eos, num_return_sequences=n)
-        if temperature > 0:
-            kw.update(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
-        else:
-            kw.update(do_sample=False)
-        gen = model.generate(**enc, **kw)
-        new = gen[:, enc["input_ids"].shape[1] :]
-        for row in range(new.shape[0]):
-            ids = new[row].tolist()
-            length = next((i + 1 for i, t in enumerate(ids) if t == eos), None)
-            truncated = length is None
-            ids = ids[: length if length is not None else len(ids)]
-            text = tokenizer.decode(ids, skip_special_tokens=True)
-            out[start + row // n].append((text, len(ids), truncated))
-    return out
-
-
-def evaluate_hf(
-    hf_dir: str | os.PathLike,
+def evaluate_engine(
+    engine,
     problems: list,
     *,
     max_new_tokens: int,
     temperature: float = 0.0,
     n: int = 1,
-    batch_size: int = 64,
     seed: int = 0,
     reward_config=None,
 ) -> HeldoutResult:
-    """Accuracy of the HF model in ``hf_dir`` on ``problems`` (objects with .question and .answer)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """Accuracy of a rollout engine's policy on ``problems`` (objects with .question and .answer).
 
+    Generation goes through the engine's own ``generate`` (the RL loop's sampling path; greedy when
+    ``temperature`` is 0), prompts through the shared chat template + ``\\boxed{}`` instruction.
+    """
     from megatron_t1.data.synthetic import prompt_messages
     from megatron_t1.reward import compute_rewards
+    from megatron_t1.rollout.engine import SamplingParams
 
-    tok = AutoTokenizer.from_pretrained(hf_dir)
-    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
-    prompts = [prompt_messages(p.question) for p in problems]
-    gens = generate(
-        model,
-        tok,
-        prompts,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        n=n,
-        batch_size=batch_size,
-        seed=seed,
+    tok = engine.tokenizer
+    texts = [
+        tok.apply_chat_template(prompt_messages(p.question), tokenize=False, add_generation_prompt=True)
+        for p in problems
+    ]
+    params = SamplingParams(temperature=temperature, max_tokens=max_new_tokens, seed=seed)
+    gens = engine.generate(texts, n, params)
+    flat = [c for g in gens for c in g.completions]
+    golds = [p.answer for p, g in zip(problems, gens) for _ in g.completions]
+    scored = compute_rewards(
+        [c.text for c in flat], golds, truncated=[c.truncated for c in flat], config=reward_config
     )
-    responses = [g[0] for row in gens for g in row]
-    golds = [p.answer for p, row in zip(problems, gens) for _ in row]
-    truncated = [g[2] for row in gens for g in row]
-    scored = compute_rewards(responses, golds, truncated=truncated, config=reward_config)
     rewards = list(scored.rewards)
     correct, records, i = [], [], 0
-    for p, row in zip(problems, gens):
-        c = []
-        for text, ntok, trunc in row:
+    for p, g in zip(problems, gens):
+        row = []
+        for c in g.completions:
             ok = 1.0 if rewards[i] == 1.0 else 0.0
-            c.append(ok)
+            row.append(ok)
             records.append(
                 {
                     "question": p.question,
                     "gold": p.answer,
-                    "response": text,
-                    "tokens": ntok,
-                    "truncated": trunc,
+                    "response": c.text,
+                    "tokens": len(c.token_ids),
+                    "truncated": c.truncated,
                     "reward": rewards[i],
                     "correct": ok,
                 }
             )
             i += 1
-        correct.append(c)
+        correct.append(row)
     acc, se = pass_at_1(correct)
     mean_tokens = sum(r["tokens"] for r in records) / max(len(records), 1)
     return HeldoutResult(acc, se, len(problems), n, mean_tokens, records)
+
+
+def evaluate_hf(hf_dir: str | os.PathLike, problems: list, **kw) -> HeldoutResult:
+    """:func:`evaluate_engine` on the HF folder ``hf_dir`` (model + tokenizer), fp32 on CPU."""
+    from megatron_t1.rollout.hf_engine import HFEngine
+
+    engine = HFEngine.from_pretrained(hf_dir)
+    try:
+        return evaluate_engine(engine, problems, **kw)
+    finally:
+        engine.close()

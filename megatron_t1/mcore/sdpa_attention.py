@@ -98,4 +98,3 @@ class SDPAttention(MegatronModule):
             )
         # [b, n, sq, hn] -> [sq, b, n * hn]
         return ctx.permute(2, 0, 1, 3).reshape(sq, b, self.heads * self.head_dim)
-

@@ -25,6 +25,7 @@ from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_t1.config import Config
+from megatron_t1.errors import TrainingError
 from megatron_t1.mcore.model import unwrap
 
 
@@ -115,6 +116,51 @@ def reduce_metrics(per_microbatch: list[dict], device: torch.device) -> dict[str
     return {n: (float(totals[i, 0]), float(totals[i, 1])) for i, n in enumerate(names)}
 
 
+class SkipGuard:
+    """Counts skipped (non-finite) steps in a row; ``max_in_row`` of them raise :class:`TrainingError`."""
+
+    def __init__(self, max_in_row: int) -> None:
+        self.max_in_row = max_in_row
+        self.in_row = 0
+
+    def update(self, skipped: bool, step: int) -> None:
+        self.in_row = self.in_row + 1 if skipped else 0
+        if self.in_row >= self.max_in_row:
+            raise TrainingError(
+                f"step {step}: {self.in_row} steps in a row had a non-finite loss or gradient "
+                f"(run.max_skipped_steps={self.max_in_row}); stopping. Lower optim.lr, check the data, "
+                "or restart from an earlier checkpoint."
+            )
+
+
+def _as_list(x) -> list:
+    return x if isinstance(x, list) else []
+
+
+def _nonfinite_grads(chunks: Sequence[torch.nn.Module]) -> bool:
+    """True on every rank when any rank holds a NaN/inf gradient (after the DP reduction).
+
+    One ``isfinite`` pass over each contiguous DDP gradient buffer, then one all-reduce (MAX) of a
+    flag over all ranks: TP/PP ranks hold different shards, and with the distributed optimizer DP
+    ranks may too.
+    """
+    bad = False
+    for c in chunks:
+        # Megatron DDP's list attribute ``buffers`` shadows nn.Module.buffers(); plain modules have none.
+        buffers = [
+            b for name in ("buffers", "expert_parallel_buffers") for b in _as_list(getattr(c, name, None))
+        ]
+        if buffers:
+            bad = bad or any(not bool(torch.isfinite(b.grad_data).all()) for b in buffers)
+        else:
+            grads = [getattr(p, "main_grad", p.grad) for p in c.parameters()]
+            bad = bad or any(g is not None and not bool(torch.isfinite(g).all()) for g in grads)
+    flag = torch.tensor([1.0 if bad else 0.0], device=next(unwrap(chunks[0]).parameters()).device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item() > 0)
+
+
 def train_step(
     chunks: Sequence[torch.nn.Module],
     optimizer,
@@ -144,8 +190,14 @@ def train_step(
         micro_batch_size=micro_batch_size,
         forward_only=False,
     )
-    ok, grad_norm, _ = optimizer.step()
-    grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
+    if _nonfinite_grads(chunks):
+        # Megatron's fp32 optimizer would step with NaN gradients (it only checks under a loss
+        # scaler), so the check comes first: nothing is applied, Adam's moments stay untouched.
+        optimizer.zero_grad()
+        ok, grad_norm = False, float("nan")
+    else:
+        ok, grad_norm, _ = optimizer.step()
+        grad_norm = float(grad_norm) if grad_norm is not None else float("nan")
     skipped = not ok or not math.isfinite(grad_norm)
     if not skipped:
         scheduler.step(increment=1)

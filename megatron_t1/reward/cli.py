@@ -37,19 +37,31 @@ class InputError(ValueError):
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``score`` command's flags to ``parser``."""
     parser.add_argument("--input", required=True, help="jsonl of responses to score")
-    parser.add_argument("--output", required=True,
-                        help="jsonl written: the input lines + reward, reason, extracted")
+    parser.add_argument(
+        "--output", required=True, help="jsonl written: the input lines + reward, reason, extracted"
+    )
     parser.add_argument("--response-field", default="response", help="field holding the response text")
     parser.add_argument("--gold-field", default="gold", help="field holding the reference answer")
-    parser.add_argument("--truncated-field", default="truncated",
-                        help="optional boolean field: the response hit the length limit (over-long penalty)")
-    parser.add_argument("--logprob-field", default="mean_logprob",
-                        help="optional field: mean token log-prob (for --reward min_mean_logprob=X)")
+    parser.add_argument(
+        "--truncated-field",
+        default="truncated",
+        help="optional boolean field: the response hit the length limit (over-long penalty)",
+    )
+    parser.add_argument(
+        "--logprob-field",
+        default="mean_logprob",
+        help="optional field: mean token log-prob (for --reward min_mean_logprob=X)",
+    )
     parser.add_argument("--batch-size", type=int, default=4096, help="responses scored per pool pass")
     parser.add_argument("--num-workers", type=int, default=None, help="worker processes (reward.num_workers)")
     parser.add_argument("--timeout-s", type=float, default=None, help="per-answer timeout (reward.timeout_s)")
-    parser.add_argument("--reward", action="append", default=[], metavar="FIELD=VALUE",
-                        help="set a reward config field, e.g. --reward repetition_threshold=0.6 (repeatable)")
+    parser.add_argument(
+        "--reward",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="set a reward config field, e.g. --reward repetition_threshold=0.6 (repeatable)",
+    )
 
 
 def _parse_value(name: str, raw: str, tp: typing.Any) -> typing.Any:
@@ -137,8 +149,12 @@ def _score_file(args: argparse.Namespace, cfg: RewardConfig, out: typing.TextIO)
                     break
             if not batch:
                 break
-            scored = scorer.score([b[1] for b in batch], [b[2] for b in batch],
-                                  truncated=[b[3] for b in batch], mean_logprobs=[b[4] for b in batch])
+            scored = scorer.score(
+                [b[1] for b in batch],
+                [b[2] for b in batch],
+                truncated=[b[3] for b in batch],
+                mean_logprobs=[b[4] for b in batch],
+            )
             for i, (obj, *_) in enumerate(batch):
                 reward, reason = scored.rewards[i], scored.reasons[i]
                 obj.update(reward=reward, reason=reason, extracted=scored.extracted[i])
@@ -183,8 +199,10 @@ def run(args: argparse.Namespace, config: RewardConfig | None = None) -> int:
     total = reasons.pop("_total_reward")
     n = sum(reasons.values())
     summary = ", ".join(f"{k} {v}" for k, v in reasons.most_common())
-    print(f"scored {n} responses in {time.perf_counter() - start:.1f} s: mean reward "
-          f"{total / max(n, 1):.4f} ({summary}) -> {dst}")
+    print(
+        f"scored {n} responses in {time.perf_counter() - start:.1f} s: mean reward "
+        f"{total / max(n, 1):.4f} ({summary}) -> {dst}"
+    )
     return 0
 
 

@@ -94,22 +94,29 @@ class RewardConfig:
         need(self.num_workers >= 0, "num_workers", ">= 0")
         need(self.timeout_s > 0, "timeout_s", "> 0")
         need(self.wall_guard_s > self.timeout_s, "wall_guard_s", f"> timeout_s ({self.timeout_s})")
-        need(self.stall_guard_s >= self.wall_guard_s, "stall_guard_s",
-             f">= wall_guard_s ({self.wall_guard_s})")
+        need(
+            self.stall_guard_s >= self.wall_guard_s, "stall_guard_s", f">= wall_guard_s ({self.wall_guard_s})"
+        )
         need(self.worker_start_timeout_s > 0, "worker_start_timeout_s", "> 0")
         need(self.max_answer_chars > 0, "max_answer_chars", "> 0")
         need(self.max_number_bits >= 0, "max_number_bits", ">= 0 (0 disables the guard)")
         need(self.repetition_ngram >= 1, "repetition_ngram", ">= 1")
         need(0.0 < self.repetition_threshold < 1.0, "repetition_threshold", "in (0, 1)")
         need(self.repetition_window >= 4, "repetition_window", ">= 4")
-        need(self.repetition_min_tokens >= self.repetition_ngram, "repetition_min_tokens",
-             f">= repetition_ngram ({self.repetition_ngram})")
+        need(
+            self.repetition_min_tokens >= self.repetition_ngram,
+            "repetition_min_tokens",
+            f">= repetition_ngram ({self.repetition_ngram})",
+        )
         need(self.garbage_max_replacement_chars >= 0, "garbage_max_replacement_chars", ">= 0")
         need(self.garbage_max_control_chars >= 0, "garbage_max_control_chars", ">= 0")
         need(self.garbage_max_scripts >= 1, "garbage_max_scripts", ">= 1")
         need(self.garbage_script_min_letters >= 1, "garbage_script_min_letters", ">= 1")
         need(self.garbage_max_mixed_words >= 0, "garbage_max_mixed_words", ">= 0")
-        need(self.min_mean_logprob is None or self.min_mean_logprob <= 0, "min_mean_logprob",
-             "None or <= 0 (a log-probability)")
+        need(
+            self.min_mean_logprob is None or self.min_mean_logprob <= 0,
+            "min_mean_logprob",
+            "None or <= 0 (a log-probability)",
+        )
         for name in ("correct", "wrong", "penalty"):
             need(isinstance(getattr(self, name), (int, float)), name, "a number")

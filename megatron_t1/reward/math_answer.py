@@ -186,7 +186,8 @@ def parse_math(text: str, *, max_number_bits: int) -> tuple[list, bool]:
 
     parsed = math_verify.parse("\\boxed{" + text + "}", parsing_timeout=None)
     kept = [
-        p for p in parsed
+        p
+        for p in parsed
         if not (isinstance(p, (sympy.Basic, sympy.MatrixBase)) and too_large(p, max_number_bits))
     ]
     return kept, len(kept) != len(parsed)
@@ -205,10 +206,19 @@ def warm_up() -> None:
     """Compile math-verify's lazy regexes and fill sympy caches (the first calls cost ~50-90 ms)."""
     quiet_math_verify()
     for gold, pred in (
-        ("\\frac{1}{2}", "0.5"), ("2\\sqrt{2}", "\\sqrt{8}"), ("[1,3)", "[1,3)"), ("\\{1,2\\}", "\\{2,1\\}"),
-        ("x=3", "3"), ("50\\%", "0.5"), ("\\text{Monday}", "Monday"), ("(1,2)", "(2,1)"),
+        ("\\frac{1}{2}", "0.5"),
+        ("2\\sqrt{2}", "\\sqrt{8}"),
+        ("[1,3)", "[1,3)"),
+        ("\\{1,2\\}", "\\{2,1\\}"),
+        ("x=3", "3"),
+        ("50\\%", "0.5"),
+        ("\\text{Monday}", "Monday"),
+        ("(1,2)", "(2,1)"),
         ("\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}", "\\begin{pmatrix}1&2\\\\3&4\\end{pmatrix}"),
-        ("x^2+1", "1+x^2"), ("90^\\circ", "90"), ("1,000", "1000"), ("\\pi", "3.14159"),
+        ("x^2+1", "1+x^2"),
+        ("90^\\circ", "90"),
+        ("1,000", "1000"),
+        ("\\pi", "3.14159"),
     ):
         g, _ = parse_math(gold, max_number_bits=1 << 20)
         p, _ = parse_math(pred, max_number_bits=1 << 20)

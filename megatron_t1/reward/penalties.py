@@ -40,11 +40,32 @@ _WORD = re.compile(r"[^\W\d_]{2,}")
 # Script of a letter, by code-point ranges (start, name); "" = not counted (Greek is mathematical
 # notation, combining marks and symbols belong to no script here).
 _RANGES = (
-    (0x0000, "latin"), (0x0250, ""), (0x0370, ""), (0x0400, "cyrillic"), (0x0530, "armenian"),
-    (0x0590, "hebrew"), (0x0600, "arabic"), (0x0780, ""), (0x0900, "indic"), (0x0E00, "thai"),
-    (0x0E80, ""), (0x10A0, "georgian"), (0x1100, "cjk"), (0x1200, ""), (0x1E00, "latin"),
-    (0x1F00, ""), (0x2E80, "cjk"), (0xA000, ""), (0xAC00, "cjk"), (0xD7B0, ""), (0xF900, "cjk"),
-    (0xFB00, ""), (0xFE70, "arabic"), (0xFF00, ""), (0x20000, "cjk"), (0x30000, ""),
+    (0x0000, "latin"),
+    (0x0250, ""),
+    (0x0370, ""),
+    (0x0400, "cyrillic"),
+    (0x0530, "armenian"),
+    (0x0590, "hebrew"),
+    (0x0600, "arabic"),
+    (0x0780, ""),
+    (0x0900, "indic"),
+    (0x0E00, "thai"),
+    (0x0E80, ""),
+    (0x10A0, "georgian"),
+    (0x1100, "cjk"),
+    (0x1200, ""),
+    (0x1E00, "latin"),
+    (0x1F00, ""),
+    (0x2E80, "cjk"),
+    (0xA000, ""),
+    (0xAC00, "cjk"),
+    (0xD7B0, ""),
+    (0xF900, "cjk"),
+    (0xFB00, ""),
+    (0xFE70, "arabic"),
+    (0xFF00, ""),
+    (0x20000, "cjk"),
+    (0x30000, ""),
 )
 _STARTS = [start for start, _ in _RANGES]
 # Deletes ASCII letters: len(text) - len(text.translate(_DROP_ASCII_LETTERS)) counts them in C.

@@ -180,8 +180,10 @@ class WorkerPool:
         depth: int = 2,
     ) -> None:
         if num_workers < 1 or depth < 1 or wall_timeout_s <= 0:
-            raise ValueError(f"WorkerPool: need num_workers >= 1, depth >= 1, wall_timeout_s > 0; got "
-                             f"{num_workers}, {depth}, {wall_timeout_s}")
+            raise ValueError(
+                f"WorkerPool: need num_workers >= 1, depth >= 1, wall_timeout_s > 0; got "
+                f"{num_workers}, {depth}, {wall_timeout_s}"
+            )
         self._ctx = mp.get_context("spawn")
         self._handler, self._init, self._init_args = handler, init, init_args
         self.wall_timeout_s = wall_timeout_s
@@ -199,8 +201,10 @@ class WorkerPool:
     def _spawn(self) -> _Slot:
         parent, child = self._ctx.Pipe(duplex=True)
         proc = self._ctx.Process(
-            target=_worker_main, args=(child, self._handler, self._init, self._init_args),
-            daemon=True, name="reward-worker",
+            target=_worker_main,
+            args=(child, self._handler, self._init, self._init_args),
+            daemon=True,
+            name="reward-worker",
         )
         proc.start()
         child.close()
@@ -323,8 +327,10 @@ class WorkerPool:
             if not alive or slot.broken or not slot.proc.is_alive():
                 if not slot.ready:  # dying during start-up is a set-up error: respawning would loop
                     slot.proc.join(timeout=5)
-                    raise RuntimeError(f"reward worker failed to start (exit code {slot.proc.exitcode}); "
-                                       "see its traceback above")
+                    raise RuntimeError(
+                        f"reward worker failed to start (exit code {slot.proc.exitcode}); "
+                        "see its traceback above"
+                    )
                 done += self._on_death(i, results, pending)
             elif not slot.ready and now - slot.spawned_at > self.start_timeout_s:
                 raise RuntimeError(f"reward worker did not start within {self.start_timeout_s:.0f} s")

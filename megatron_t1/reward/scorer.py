@@ -39,8 +39,17 @@ __all__ = ["REASONS", "RewardBatch", "RewardScorer", "compute_rewards"]
 # detectors and extraction run before the timer is armed (tens of ms on a 200k-character response).
 _CPU_MARGIN_S = 0.25
 
-REASONS = ("correct", "wrong", "no_answer", "too_complex", "timeout", "worker_died", "gold_unparsable",
-           "error", *DETECTORS)
+REASONS = (
+    "correct",
+    "wrong",
+    "no_answer",
+    "too_complex",
+    "timeout",
+    "worker_died",
+    "gold_unparsable",
+    "error",
+    *DETECTORS,
+)
 """Every reason a response can get: an outcome of the comparison, or the detector that fired."""
 
 
@@ -107,8 +116,12 @@ def _handle(task: tuple, cache: dict, cfg: RewardConfig) -> tuple | str:
 
     _, response, truncated, mean_logprob, gold, letter = task
     fired = detect(response, truncated=truncated, mean_logprob=mean_logprob, cfg=cfg)
-    extracted = extract_answer(response, choice=letter is not None, thinking_end=cfg.thinking_end,
-                               answer_from_thinking=cfg.answer_from_thinking)
+    extracted = extract_answer(
+        response,
+        choice=letter is not None,
+        thinking_end=cfg.thinking_end,
+        answer_from_thinking=cfg.answer_from_thinking,
+    )
     if fired:
         return (cfg.penalty, fired[0], extracted, fired)
     if extracted is None:
@@ -182,9 +195,14 @@ class RewardScorer:
             self._runner: Any = _InProcess(self.cfg)
         else:
             self._runner = WorkerPool(
-                _handle, num_workers=self.cfg.num_workers, wall_timeout_s=self.cfg.wall_guard_s,
-                cpu_timeout_s=self.cfg.timeout_s + _CPU_MARGIN_S, stall_timeout_s=self.cfg.stall_guard_s,
-                start_timeout_s=self.cfg.worker_start_timeout_s, init=_init_worker, init_args=(self.cfg,),
+                _handle,
+                num_workers=self.cfg.num_workers,
+                wall_timeout_s=self.cfg.wall_guard_s,
+                cpu_timeout_s=self.cfg.timeout_s + _CPU_MARGIN_S,
+                stall_timeout_s=self.cfg.stall_guard_s,
+                start_timeout_s=self.cfg.worker_start_timeout_s,
+                init=_init_worker,
+                init_args=(self.cfg,),
             )
 
     def wait_ready(self) -> None:
@@ -228,8 +246,10 @@ class RewardScorer:
         restarts0 = self._runner.restarts
         n_lp = None if mean_logprobs is None else len(mean_logprobs)
         if len(golds) != n or len(truncated) != n or n_lp not in (None, n):
-            raise ValueError(f"compute_rewards: {n} responses but {len(golds)} golds, {len(truncated)} "
-                             f"truncated flags, {n_lp} log-probs")
+            raise ValueError(
+                f"compute_rewards: {n} responses but {len(golds)} golds, {len(truncated)} "
+                f"truncated flags, {n_lp} log-probs"
+            )
         for i, r in enumerate(responses):
             if not isinstance(r, str):
                 raise TypeError(f"compute_rewards: response {i} is {type(r).__name__}, not str")
@@ -260,9 +280,12 @@ class RewardScorer:
                 reward, reason, ans, fired = res.value
             else:  # killed, dead or crashed: the penalties still apply (pure, cheap, run here)
                 fired = detect(responses[i], truncated=bool(truncated[i]), mean_logprob=lps[i], cfg=self.cfg)
-                ans = extract_answer(responses[i], choice=letters[i] is not None,
-                                     thinking_end=self.cfg.thinking_end,
-                                     answer_from_thinking=self.cfg.answer_from_thinking)
+                ans = extract_answer(
+                    responses[i],
+                    choice=letters[i] is not None,
+                    thinking_end=self.cfg.thinking_end,
+                    answer_from_thinking=self.cfg.answer_from_thinking,
+                )
                 failure = {"timeout": "timeout", "died": "worker_died"}.get(res.status, "error")
                 reward, reason = (self.cfg.penalty, fired[0]) if fired else (self.cfg.wrong, failure)
             rewards.append(float(reward))

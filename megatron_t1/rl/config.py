@@ -65,6 +65,10 @@ class LossConfig:
     """Upper clip range (None: same as ``clip_eps``; DAPO's clip-higher uses e.g. 0.28). > 0."""
     optim_steps_per_batch: int = 1
     """Optimizer steps per rollout batch; > 1 splits the batch and uses the clipped importance ratio."""
+    tis_cap: float | None = None
+    """Truncated importance sampling against train/rollout mismatch: each token's policy-gradient
+    term is weighted by min(pi_trainer(y_t) / pi_rollout(y_t), tis_cap), both at the sampling
+    temperature, the trainer's taken before the update (Yao et al. 2025). None: off. >= 1."""
     fused_output_layer: bool = False
     """Compute log-prob and entropy straight from the final hidden states and the output-layer weight,
     chunk by chunk, without materialising the [T, V] logits (``megatron_t1.rl.fused``)."""
@@ -98,6 +102,10 @@ class LossConfig:
             if self.clip_eps_high <= 0:
                 raise ValueError(f"{s}.clip_eps_high must be > 0, got {self.clip_eps_high}")
         _check_int(s, "optim_steps_per_batch", self.optim_steps_per_batch, 1)
+        if self.tis_cap is not None:
+            self.tis_cap = _check_number(s, "tis_cap", self.tis_cap)
+            if self.tis_cap < 1.0:
+                raise ValueError(f"{s}.tis_cap must be >= 1 (or null), got {self.tis_cap}")
         if not isinstance(self.fused_output_layer, bool):
             raise ValueError(f"{s}.fused_output_layer must be true/false, got {self.fused_output_layer!r}")
         if self.chunk_size is not None:

@@ -3,27 +3,35 @@
 ``python -m megatron_t1 rl --config FILE [--set a.b=c ...]`` (torchrun for TP/PP/DP). One step, top to
 bottom (arXiv 2501.11651 §3.2; ``../shared/T1.md``):
 
-    rollout (K per prompt, tau) -> reward {1, 0, -1} -> keep k of K -> policy + anchor log-probs
-    -> KL_i (k1) -> A_i = s_i - mean_{j!=i} s_j, s_i = r_i - beta KL_i -> train step -> anchor update
-    -> weight sync (+ parity probe) -> held-out eval (every eval_every) -> checkpoint -> log
+    rollout (K per prompt, tau) -> reward {1, 0, -1} -> keep k of K -> packed, DP-balanced
+    micro-batches -> policy + anchor log-probs -> KL_i (k1), train/rollout mismatch
+    -> A_i = s_i - mean_{j!=i} s_j, s_i = r_i - beta KL_i (x truncated IS weight, optional)
+    -> train step (skipped if non-finite) -> anchor update -> weight sync (+ parity probe)
+    -> held-out eval (every eval.eval_every) -> checkpoint -> log
 
-Rollouts run on global rank 0 (the HF engine on CPU; vLLM on GPU clusters) and are broadcast;
-every rank holds the same responses and trains its DP share. Responses are laid out one per row,
-padded to ``data.seq_length`` (packing across responses is an open item). A run resumes from its
-own ``latest`` checkpoint (policy, optimizer, anchor, data position); otherwise it starts from
-``checkpoint.init_from`` with the anchor equal to the starting policy.
+Rollouts run on global rank 0 (the HF engine on CPU; vLLM on GPU clusters) and are broadcast, so
+every rank holds the same responses and computes the same packing plan
+(:mod:`megatron_t1.data.rl_batch`); each DP rank trains its share. A run resumes from its own
+``latest`` checkpoint (policy, optimizer, anchor; the step number fixes the prompt order and the
+sampling seeds); otherwise it starts from ``checkpoint.init_from`` with the anchor equal to the
+starting policy. The last step saves a checkpoint and exports the policy as an HF folder
+(``runs/NAME/hf``).
 """
 
 from __future__ import annotations
 
+import math
+import shutil
 import time
 from functools import partial
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
 from megatron_t1.config import Config, ConfigError, save_config
 from megatron_t1.data.prompts import load_prompts, step_prompts
+from megatron_t1.data.rl_batch import collate_rl_rank, plan_rl_packing, rl_documents
 from megatron_t1.data.synthetic import prompt_messages
 from megatron_t1.log import RunLogger
 from megatron_t1.mcore.anchor_store import AnchorStore
@@ -36,7 +44,7 @@ from megatron_t1.mcore.checkpoint import (
 from megatron_t1.mcore.model import build_model
 from megatron_t1.mcore.parallel import ParallelContext, init_parallel
 from megatron_t1.mcore.rl_forward import compute_logprobs, rl_forward_step
-from megatron_t1.mcore.train_step import build_optimizer, train_step
+from megatron_t1.mcore.train_step import SkipGuard, build_optimizer, train_step
 from megatron_t1.rl.advantage import t1_advantages
 from megatron_t1.rl.oversample import select_responses
 from megatron_t1.train.sft import load_tokenizer
@@ -65,35 +73,74 @@ def _make_engine(cfg: Config, tok):
     return HFEngine(model, tok)
 
 
-def _rows(prompt_ids, completions, seq: int, pad: int):
-    """One row per response: prompt + response tokens, next-token labels, response mask."""
-    n = len(completions)
-    tokens = torch.full((n, seq + 1), pad, dtype=torch.long)
-    mask = torch.zeros(n, seq)
-    rollout_lp = torch.zeros(n, seq)
-    for r, (p, c) in enumerate(zip(prompt_ids, completions)):
-        ids = (list(p) + list(c.token_ids))[: seq + 1]
-        tokens[r, : len(ids)] = torch.tensor(ids)
-        start, end = len(p) - 1, len(ids) - 1  # label position t predicts token t + 1
-        mask[r, start:end] = 1.0
-        rollout_lp[r, start:end] = torch.tensor(c.logprobs[: end - start])
+def _per_doc_stats(pol, anc, mbs, n_docs: int, ctx: ParallelContext) -> dict[str, torch.Tensor]:
+    """Per-response sum of log pi - log pi_anchor and token count; mismatch sum / count / max.
+
+    Only the last pipeline stage has log-probs; its TP ranks hold identical copies. A SUM over all
+    ranks divided by TP therefore gives every rank the global values (DP shares add up).
+    """
+    vec = torch.zeros(2 * n_docs + 2, dtype=torch.float64)
+    worst = torch.zeros(1, dtype=torch.float64)
+    if pol is not None:
+        for mb, p, a in zip(mbs, pol, anc):
+            m = mb["loss_mask"].cpu() > 0
+            ids = mb["doc_ids"].cpu()[m]
+            lp, lpa = p["logprobs"].cpu().double()[m], a["logprobs"].cpu().double()[m]
+            vec[:n_docs].index_add_(0, ids, lp - lpa)
+            vec[n_docs : 2 * n_docs].index_add_(0, ids, torch.ones_like(lp))
+            diff = (lp - mb["rollout_logprobs"].cpu().double()[m]).abs()
+            vec[-2] += diff.sum()
+            vec[-1] += diff.numel()
+            if diff.numel():
+                worst = torch.maximum(worst, diff.max().view(1))
+    if ctx.world_size > 1:
+        dist.all_reduce(vec)
+        vec /= ctx.tp
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     return {
-        "tokens": tokens[:, :-1],
-        "labels": tokens[:, 1:],
-        "loss_mask": mask,
-        "rollout_logprobs": rollout_lp,
+        "kl_sum": vec[:n_docs].float(),
+        "tokens": vec[n_docs : 2 * n_docs].float(),
+        "mismatch_mean": float(vec[-2] / vec[-1].clamp(min=1)),
+        "mismatch_max": float(worst),
     }
 
 
-def _microbatches(rows: dict, idx: list[int], micro: int, ctx: ParallelContext, **extra) -> list[dict]:
-    seq = rows["tokens"].shape[1]
-    out = []
-    for s in range(0, len(idx), micro):
-        sel = torch.tensor(idx[s : s + micro])
-        mb = {k: v[sel].to(ctx.device) for k, v in {**rows, **extra}.items()}
-        mb["position_ids"] = torch.arange(seq, device=ctx.device).expand(len(sel), seq)
-        mb["attention_mask"] = None
-        out.append(mb)
+def _evaluate(engine, heldout, cfg: Config, ctx: ParallelContext) -> dict | None:
+    """Greedy (eval.temperature) accuracy of the synced rollout engine on rank 0, shared with all."""
+    res = None
+    if engine is not None:
+        from megatron_t1.eval.heldout import evaluate_engine
+
+        r = evaluate_engine(
+            engine,
+            heldout,
+            max_new_tokens=cfg.eval.max_new_tokens,
+            temperature=cfg.eval.temperature,
+            n=cfg.eval.n_samples,
+            seed=cfg.run.seed,
+            reward_config=cfg.reward,
+        )
+        res = {
+            "heldout_accuracy": r.accuracy,
+            "heldout_stderr": r.stderr,
+            "heldout_len": r.mean_response_tokens,
+        }
+    return _broadcast(res, ctx)
+
+
+def export_hf(cfg: Config, ckpt_root: Path, out: Path) -> Path:
+    """The converter's mcore -> HF of the newest checkpoint, plus the tokenizer files (atomic)."""
+    from megatron_t1.convert.offline import mcore_to_hf
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    mcore_to_hf(ckpt_root, tmp, progress=False)
+    if cfg.model.tokenizer:
+        for f in Path(cfg.model.tokenizer).iterdir():
+            if f.is_file() and not (tmp / f.name).exists():
+                shutil.copy2(f, tmp / f.name)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
     return out
 
 
@@ -102,7 +149,7 @@ def run_rl(cfg: Config) -> dict:
     t0 = time.perf_counter()
     ctx = init_parallel(cfg.parallel, seed=cfg.run.seed, device=cfg.run.device)
     cfg.validate(world_size=ctx.world_size)
-    ro, seq = cfg.rollout, cfg.data.seq_length
+    ro, seq, micro = cfg.rollout, cfg.data.seq_length, cfg.data.micro_batch_size
     run_dir = cfg.run.run_dir
     if ctx.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -117,13 +164,10 @@ def run_rl(cfg: Config) -> dict:
             f"{cfg.data.train_path} has {len(prompts)} prompts, fewer than "
             f"rollout.prompts_per_step={ro.prompts_per_step}"
         )
+    heldout = load_prompts(cfg.eval.heldout_path)[: cfg.eval.heldout_size] if cfg.eval.heldout_path else []
+    if cfg.eval.eval_every and not heldout:
+        raise ConfigError("eval.eval_every is set but eval.heldout_path is not")
     k = ro.keep or ro.n_samples
-    rows_per_step = ro.prompts_per_step * k
-    if rows_per_step % (cfg.data.micro_batch_size * ctx.dp):
-        raise ConfigError(
-            f"rollout.prompts_per_step x kept responses = {rows_per_step} is not divisible by "
-            f"data.micro_batch_size x DP = {cfg.data.micro_batch_size} x {ctx.dp}"
-        )
     tok = load_tokenizer(cfg)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
@@ -167,10 +211,15 @@ def run_rl(cfg: Config) -> dict:
         temperature=ro.temperature,
         vocab_size=cfg.model.vocab_size,
         seq_length=seq,
-        micro_batch_size=cfg.data.micro_batch_size,
+        micro_batch_size=micro,
         chunk_size=cfg.loss.chunk_size,
     )
     scalars: dict[str, float] = {}
+    guard = SkipGuard(cfg.run.max_skipped_steps)
+    if heldout and cfg.eval.eval_every and start == 0:  # the curve starts at the initial policy
+        t = time.perf_counter()
+        ev0 = _evaluate(engine, heldout, cfg, ctx)
+        logger.step(0, {**ev0, "eval_s": time.perf_counter() - t}, advance=False)
     for step in range(start, cfg.run.train_steps):
         times = {}
         # -- rollout ------------------------------------------------------------------------------
@@ -198,83 +247,83 @@ def run_rl(cfg: Config) -> dict:
             rewards = torch.tensor(list(scored.rewards), dtype=torch.float32)
         rewards = _broadcast(rewards, ctx).view(ro.prompts_per_step, ro.n_samples)
         times["reward_s"] = time.perf_counter() - t
-        # -- keep k of K ------------------------------------------------------------------------
+        # -- keep k of K, pack into DP-balanced micro-batches ----------------------------------------
         strategy = "all" if ro.keep is None else ro.selection
         sel = select_responses(rewards, k=k, strategy=strategy, seed=cfg.run.seed + step)
-        if sel.prompt_idx.numel() * k != rows_per_step:
-            logger.info(f"step {step + 1}: selection dropped prompts; training on what is left")
         keep = [(int(p), int(r)) for p, rs in zip(sel.prompt_idx, sel.response_idx) for r in rs]
-        prompt_ids = [gens[p].prompt_token_ids for p, _ in keep]
         comps = [gens[p].completions[r] for p, r in keep]
-        rows = _rows(prompt_ids, comps, seq, pad)
+        docs, plens, _ = rl_documents(
+            [gens[p].prompt_token_ids for p, _ in keep], [c.token_ids for c in comps], seq
+        )
         kept_rewards = torch.stack([rewards[p, r] for p, r in keep]).view(-1, k)
-        n_rows = len(keep)
-        per_rank = n_rows // ctx.dp
-        mine = list(range(ctx.dp_rank * per_rank, (ctx.dp_rank + 1) * per_rank))
-        # -- policy and anchor log-probs (same shards, same rows) -> KL per response -------------
+        n_docs = len(docs)
+        plan = plan_rl_packing([len(d) for d in docs], seq, ctx.dp, micro)
+        mbs = collate_rl_rank(
+            plan, ctx.dp_rank, docs, plens, pad, {"rollout_logprobs": [c.logprobs for c in comps]}
+        )
+        mbs = [{k_: v.to(ctx.device) for k_, v in mb.items()} for mb in mbs]
+        # -- policy and anchor log-probs (same shards, same micro-batches) -> KL_i, mismatch -----------
         t = time.perf_counter()
-        mbs = _microbatches(rows, mine, cfg.data.micro_batch_size, ctx)
         pol = compute_logprobs(chunks, mbs, **lp_kw)
         with anchor.swapped_in():
             anc = compute_logprobs(chunks, mbs, **lp_kw)
-        kl_local = torch.zeros(n_rows)
-        if pol is not None:
-            lp = torch.cat([m["logprobs"] for m in pol]).cpu()
-            lpa = torch.cat([m["logprobs"] for m in anc]).cpu()
-            msk = rows["loss_mask"][mine]
-            per_tok = (lp - lpa) * msk
-            kl_r = per_tok.sum(-1)
-            if cfg.loss.kl_reduce == "mean":
-                kl_r = kl_r / msk.sum(-1).clamp(min=1)
-            kl_local[mine] = kl_r
-        if ctx.world_size > 1:  # every rank needs every response's KL for the group baselines
-            dist.all_reduce(kl_local)  # last-stage TP ranks each hold the same values
-            kl_local /= ctx.tp
-        kl = kl_local.view(-1, k)
-        anchor_lp_rows = torch.zeros_like(rows["loss_mask"])
-        if pol is not None:
-            anchor_lp_rows[mine] = lpa
+        st = _per_doc_stats(pol, anc, mbs, n_docs, ctx)
+        kl = st["kl_sum"] / (st["tokens"].clamp(min=1) if cfg.loss.kl_reduce == "mean" else 1.0)
         times["logprob_s"] = time.perf_counter() - t
-        # -- advantages -----------------------------------------------------------------------
+        # -- advantages -------------------------------------------------------------------------------
         beta = cfg.loss.kl_coef if cfg.loss.kl_in == "reward" else 0.0
-        adv = t1_advantages(kept_rewards, kl, beta=beta, config=cfg.loss).reshape(-1)
+        adv = t1_advantages(kept_rewards, kl.view(-1, k), beta=beta, config=cfg.loss).reshape(-1)
+        tis_sum = tis_clip = 0.0
+        for i, mb in enumerate(mbs):
+            a = adv.to(ctx.device)[mb["doc_ids"].clamp(min=0)] * mb["loss_mask"]
+            if pol is not None:
+                mb["anchor_logprobs"] = anc[i]["logprobs"]
+                if cfg.loss.tis_cap is not None:
+                    w = torch.exp(pol[i]["logprobs"] - mb["rollout_logprobs"])
+                    m = mb["loss_mask"]
+                    tis_clip += float(((w > cfg.loss.tis_cap).float() * m).sum())
+                    w = w.clamp(max=cfg.loss.tis_cap)
+                    tis_sum += float((w * m).sum())
+                    a = a * w
+            mb["advantages"] = a
         # -- train ------------------------------------------------------------------------------
         t = time.perf_counter()
-        G = int(rows["loss_mask"].sum())
-        adv_rows = adv.view(-1, 1).expand(-1, seq).contiguous()
-        extra = {"advantages": adv_rows}
-        if cfg.loss.kl_in == "loss":
-            extra["anchor_logprobs"] = anchor_lp_rows
-        mbs = _microbatches(rows, mine, cfg.data.micro_batch_size, ctx, **extra)
+        G = sum(len(d) - p for d, p in zip(docs, plens))
         step_fn = partial(
             rl_forward_step,
             loss_config=cfg.loss,
             temperature=ro.temperature,
             vocab_size=cfg.model.vocab_size,
             global_num_tokens=G,
-            global_num_seqs=n_rows,
+            global_num_seqs=n_docs,
         )
-        res = train_step(
-            chunks,
-            optimizer,
-            scheduler,
-            step_fn,
-            mbs,
-            seq_length=seq,
-            micro_batch_size=cfg.data.micro_batch_size,
-        )
+        res = train_step(chunks, optimizer, scheduler, step_fn, mbs, seq_length=seq, micro_batch_size=micro)
         times["train_s"] = time.perf_counter() - t
         done = step + 1
+        skipped = res.skipped or not math.isfinite(res.loss)
+        if skipped:
+            logger.info(
+                f"step {done}: non-finite loss or gradient (loss {res.loss}, grad norm {res.grad_norm}); "
+                "update skipped"
+            )
+        guard.update(skipped, done)
         # -- anchor ------------------------------------------------------------------------------
-        action = anchor.update(done) if not res.skipped else "none"
+        action = anchor.update(done) if not skipped else "none"
         # -- weight sync -------------------------------------------------------------------------
         t = time.perf_counter()
         sync_res = sync(engine, chunks)
         times["sync_s"] = time.perf_counter() - t
-        # -- checkpoint ------------------------------------------------------------------------
+        # -- held-out eval -------------------------------------------------------------------------
         last = done == cfg.run.train_steps
+        ev = {}
+        if heldout and (last or (cfg.eval.eval_every and done % cfg.eval.eval_every == 0)):
+            t = time.perf_counter()
+            ev = _evaluate(engine, heldout, cfg, ctx) or {}
+            times["eval_s"] = time.perf_counter() - t
+        # -- checkpoint ------------------------------------------------------------------------
         exit_now = cfg.run.exit_interval is not None and done % cfg.run.exit_interval == 0 and not last
         if last or exit_now or (cfg.checkpoint.save_interval and done % cfg.checkpoint.save_interval == 0):
+            t = time.perf_counter()
             save_checkpoint(
                 ckpt_root,
                 done,
@@ -285,24 +334,35 @@ def run_rl(cfg: Config) -> dict:
                 state={"kind": "rl"},
                 extra_sharded={"anchor": anchor.sharded_state_dict()},
             )
+            times["ckpt_s"] = time.perf_counter() - t
         # -- log -----------------------------------------------------------------------------------
         lengths = torch.tensor([len(c.token_ids) for c in flat], dtype=torch.float32)
+        n_tok = max(G, 1)
         scalars = {
             "loss": res.loss,
             "lr": res.lr,
             "grad_norm": res.grad_norm,
+            "skipped": float(skipped),
             "reward_mean": float(rewards.mean()),
             "accuracy": float((rewards > 0).float().mean()),
             "penalty_rate": float((rewards < 0).float().mean()),
             "response_len": float(lengths.mean()),
             "truncated_rate": float(sum(c.truncated for c in flat) / max(len(flat), 1)),
             "kl_anchor": float(kl.mean()),
+            "adv_mean": float(adv.mean()),
             "adv_abs": float(adv.abs().mean()),
+            "adv_std": float(adv.std()) if adv.numel() > 1 else 0.0,
             "anchor_reset": 1.0 if action == "reset" else 0.0,
+            "mismatch_mean": st["mismatch_mean"],
+            "mismatch_max": st["mismatch_max"],
+            **plan.stats(),
             **sync_res.metrics(),
             **{f"m/{k_}": v for k_, v in res.metrics.items()},
+            **ev,
             **times,
         }
+        if cfg.loss.tis_cap is not None:
+            scalars |= {"tis_weight": tis_sum / n_tok, "tis_clip_frac": tis_clip / n_tok}
         logger.step(done, scalars, tokens=G)
         if exit_now:
             logger.info(f"exit_interval: stopping after step {done} (checkpoint saved; rerun to resume)")
@@ -311,9 +371,18 @@ def run_rl(cfg: Config) -> dict:
         scorer.close()
     if engine is not None:
         engine.close()
+    hf_dir = None
+    if start < cfg.run.train_steps and scalars and not (cfg.run.exit_interval and done < cfg.run.train_steps):
+        if ctx.world_size > 1:
+            dist.barrier()
+        hf_dir = run_dir / "hf"
+        if ctx.rank == 0:
+            export_hf(cfg, ckpt_root, hf_dir)
+            logger.info(f"final policy exported as an HF folder: {hf_dir}")
     logger.close()
     return {
         "run_dir": str(run_dir),
+        "hf_dir": str(hf_dir) if hf_dir else None,
         **{k_: v for k_, v in scalars.items() if not k_.startswith("m/")},
         "wall_seconds": time.perf_counter() - t0,
     }

@@ -27,7 +27,7 @@ from megatron_t1.mcore.checkpoint import (
 from megatron_t1.mcore.forward import sft_forward_step, to_device
 from megatron_t1.mcore.model import build_model
 from megatron_t1.mcore.parallel import ParallelContext, init_parallel
-from megatron_t1.mcore.train_step import forward_only, train_step
+from megatron_t1.mcore.train_step import SkipGuard, forward_only, train_step
 
 
 def load_tokenizer(cfg: Config):
@@ -106,6 +106,7 @@ def run_sft(cfg: Config) -> dict:
     )
     res = None
     tokens_since_log = 0
+    guard = SkipGuard(cfg.run.max_skipped_steps)
     for step in range(start, cfg.run.train_steps):
         batch = step_slice(rows, step, cfg.data.global_batch_size, cfg.data.seed)
         mbs = rank_microbatches(batch, ctx, cfg.data.micro_batch_size, pad_id)
@@ -122,6 +123,7 @@ def run_sft(cfg: Config) -> dict:
         tokens_since_log += res.tokens
         if res.skipped:
             logger.info(f"step {done}: non-finite gradient norm, update skipped")
+        guard.update(res.skipped, done)
         if done % cfg.log.interval == 0 or done == cfg.run.train_steps:
             scalars = {"loss": res.loss, "lr": res.lr, "grad_norm": res.grad_norm}
             logger.step(done, scalars, tokens=tokens_since_log)

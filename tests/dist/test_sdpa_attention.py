@@ -69,7 +69,9 @@ def _worker(rank, world, tmp):
         out[name] = {
             "logit_err": float((lr - ls).abs().max()),
             "logit_scale": float(lr.abs().max()),
-            "grad_err": max(float((gr[n] - gs[n]).abs().max() / gr[n].abs().max().clamp(min=1e-12)) for n in gr),
+            "grad_err": max(
+                float((gr[n] - gs[n]).abs().max() / gr[n].abs().max().clamp(min=1e-12)) for n in gr
+            ),
         }
     # the packed mask really changes the answer (otherwise the comparison above proves little)
     out["mask_effect"] = float((run(new, masks["causal"])[0] - run(new, masks["packed"])[0]).abs().max())

@@ -1,15 +1,21 @@
 """The RL command end to end on a tiny random policy: a few steps run with finite metrics, the weights
 and the EMA anchor move, the engine stays in parity; a run stopped after each step and restarted
-with the same command reproduces the metrics of an uninterrupted run."""
+with the same command reproduces the metrics of an uninterrupted run, and so does a run killed with
+SIGKILL in the middle of its work; the same run under torchrun with TP=2 gives TP=1's first step."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
+from tests.e2e.proc import ROOT
 from tests.e2e.proc import run_cli as _run
 
 pytestmark = pytest.mark.slow
@@ -47,14 +53,24 @@ log: {{progress_bar: false}}
 
 
 def _metrics(run_dir: Path) -> dict[int, dict]:
+    """Step -> metrics; a step logged twice (re-run after a crash) keeps its last record."""
     return {r["step"]: r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())}
 
 
-def test_rl_steps_and_resume(data, tmp_path):
-    cfg = _config(data, tmp_path / "full")
+@pytest.fixture(scope="module")
+def full_run(data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    cfg = _config(data, out)
     r = _run([sys.executable, "-m", "megatron_t1", "rl", "--config", str(cfg)], timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    full = _metrics(tmp_path / "full" / "r")
+    return _metrics(out / "r")
+
+
+KEYS = ("loss", "reward_mean", "kl_anchor", "grad_norm", "response_len")
+
+
+def test_rl_steps_and_resume(data, full_run, tmp_path):
+    full = full_run
     assert sorted(full) == [1, 2]
     for m in full.values():
         for key in ("loss", "reward_mean", "kl_anchor", "m/entropy", "grad_norm"):
@@ -73,5 +89,66 @@ def test_rl_steps_and_resume(data, tmp_path):
     resumed = _metrics(tmp_path / "stop" / "r")
     assert sorted(resumed) == [1, 2]
     for step in (1, 2):
-        for key in ("loss", "reward_mean", "kl_anchor", "grad_norm", "response_len"):
+        for key in KEYS:
             assert resumed[step][key] == pytest.approx(full[step][key], rel=1e-5, abs=1e-7), (step, key)
+
+
+def test_kill_9_then_same_command_continues(data, full_run, tmp_path):
+    """SIGKILL while the first checkpoint is being written (or, if that window is missed, right after
+    it): the restarted command ignores any partial checkpoint and ends with the uninterrupted metrics."""
+    cfg = _config(data, tmp_path / "kill")
+    cmd = [
+        sys.executable,
+        "-m",
+        "megatron_t1",
+        "rl",
+        "--config",
+        str(cfg),
+        "--set",
+        "checkpoint.save_interval=1",
+    ]
+    ckpts = tmp_path / "kill" / "r" / "checkpoints"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if ckpts.is_dir() and any(p.name.startswith("step_") for p in ckpts.iterdir()):
+                break
+            time.sleep(0.005)
+        assert proc.poll() is None, "the run ended before it could be killed"
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    r = _run(cmd, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    resumed = _metrics(tmp_path / "kill" / "r")
+    assert sorted(resumed) == [1, 2]
+    for step in (1, 2):
+        for key in KEYS:
+            assert resumed[step][key] == pytest.approx(full_run[step][key], rel=1e-5, abs=1e-7), (step, key)
+    assert not any(p.name.endswith(".tmp") for p in ckpts.iterdir())  # no half-written checkpoint left
+
+
+@pytest.mark.dist
+def test_tp2_under_torchrun_matches_tp1(data, full_run, tmp_path):
+    cfg = _config(data, tmp_path / "tp2")
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "megatron_t1", "rl", "--config", str(cfg), "--set", "parallel.tensor_model_parallel_size=2",
+    ]  # fmt: skip
+    r = _run(cmd, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    tp2 = _metrics(tmp_path / "tp2" / "r")
+    assert sorted(tp2) == [1, 2]
+    # step 1: same rollouts (same engine weights and seed), same loss and gradient up to float error
+    for key in KEYS:
+        assert tp2[1][key] == pytest.approx(full_run[1][key], rel=1e-4, abs=1e-6), key
+    for m in tp2.values():
+        for key in ("loss", "reward_mean", "kl_anchor", "m/entropy", "grad_norm", "mismatch_mean"):
+            assert m[key] == m[key] and abs(m[key]) < 1e6, key
+        assert m["sync/parity_mean_abs"] < 1e-4
+    assert abs(tp2[2]["kl_anchor"]) > 1e-7  # the EMA anchor lags the updated policy
+    assert (tmp_path / "tp2" / "r" / "hf" / "config.json").is_file()  # final HF export
