@@ -181,7 +181,7 @@ def line_stats(texts: list[str]) -> dict:
 def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     task = ap.add_argument_group("task (defaults = megatron_t1.data.synthetic defaults)")
-    task.add_argument("--operands", type=int, nargs=2, default=(3, 6))
+    task.add_argument("--operands", type=int, nargs=2, default=(3, 5))
     task.add_argument("--digits", type=int, nargs=2, default=(1, 1))
     task.add_argument("--error-rate", type=float, default=0.25)
     task.add_argument("--plain", action="store_true", help="no 'now:' restatement lines")

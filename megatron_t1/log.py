@@ -64,7 +64,8 @@ class RunLogger:
                 self._tb.add_scalar(k, v, step)
         self._jsonl.write(json.dumps({"step": step, **scalars}) + "\n")
         self._jsonl.flush()
-        short = {k: scalars[k] for k in ("loss", "lr", "grad_norm", "tokens_per_s") if k in scalars}
+        keys = ("loss", "reward_mean", "accuracy", "heldout_accuracy", "lr", "grad_norm", "tokens_per_s")
+        short = {k: scalars[k] for k in keys if k in scalars}
         text = " ".join(f"{k}={v:.4g}" for k, v in short.items())
         if self._bar is not None:
             self._bar.update(1 if advance else 0)

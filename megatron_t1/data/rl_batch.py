@@ -125,6 +125,7 @@ def collate_rl_rank(
     prompt_lens: Sequence[int],
     pad_id: int,
     token_values: dict[str, Sequence[Sequence[float]]] | None = None,
+    doc_index: Sequence[int] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Micro-batches of DP rank ``rank``.
 
@@ -133,7 +134,8 @@ def collate_rl_rank(
     int64; ``loss_mask`` [b, S] float (1 where the label is a response token, EOS included);
     ``attention_mask`` [b, 1, S, S] bool (True = masked out). ``token_values[name][d][j]`` (a value per
     response token j of document d, e.g. the rollout engine's log-probs) lands at the position whose
-    label is that token, as a float [b, S] tensor ``name`` (0 elsewhere).
+    label is that token, as a float [b, S] tensor ``name`` (0 elsewhere). ``doc_index[d]`` is the id
+    written to ``doc_ids`` for document d (default d), for a plan over a subset of a step's documents.
     """
     token_values = token_values or {}
     S, b = plan.seq_len, plan.micro_batch_size
@@ -160,7 +162,7 @@ def collate_rl_rank(
                 seq_ids[r, o : o + n] = local
                 t0, t1 = o + p - 1, o + n - 1  # positions whose labels are response tokens
                 loss_mask[r, t0:t1] = 1.0
-                doc_ids[r, t0:t1] = d
+                doc_ids[r, t0:t1] = d if doc_index is None else doc_index[d]
                 for k, v in token_values.items():
                     values[k][r, t0:t1] = torch.as_tensor(v[d][: t1 - t0], dtype=torch.float32)
                 o += n

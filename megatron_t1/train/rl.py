@@ -257,27 +257,44 @@ def run_rl(cfg: Config) -> dict:
         )
         kept_rewards = torch.stack([rewards[p, r] for p, r in keep]).view(-1, k)
         n_docs = len(docs)
-        plan = plan_rl_packing([len(d) for d in docs], seq, ctx.dp, micro)
-        mbs = collate_rl_rank(
-            plan, ctx.dp_rank, docs, plens, pad, {"rollout_logprobs": [c.logprobs for c in comps]}
-        )
-        mbs = [{k_: v.to(ctx.device) for k_, v in mb.items()} for mb in mbs]
+        # optim_steps_per_batch > 1: the step's prompt groups split into that many mini-batches, one
+        # optimizer step each (PPO-style, clipped ratio against the log-probs taken before the first)
+        n_mini = min(cfg.loss.optim_steps_per_batch, n_docs // k)
+        groups = [list(range(g * k, (g + 1) * k)) for g in range(n_docs // k)]
+        parts = [sum(groups[j::n_mini], []) for j in range(n_mini)]
+        part_mbs, plans = [], []
+        for part in parts:
+            plan = plan_rl_packing([len(docs[d]) for d in part], seq, ctx.dp, micro)
+            mbs = collate_rl_rank(
+                plan,
+                ctx.dp_rank,
+                [docs[d] for d in part],
+                [plens[d] for d in part],
+                pad,
+                {"rollout_logprobs": [comps[d].logprobs for d in part]},
+                doc_index=part,
+            )
+            part_mbs.append([{k_: v.to(ctx.device) for k_, v in mb.items()} for mb in mbs])
+            plans.append(plan)
+        all_mbs = [mb for mbs in part_mbs for mb in mbs]
         # -- policy and anchor log-probs (same shards, same micro-batches) -> KL_i, mismatch -----------
         t = time.perf_counter()
-        pol = compute_logprobs(chunks, mbs, **lp_kw)
+        pol = compute_logprobs(chunks, all_mbs, **lp_kw)
         with anchor.swapped_in():
-            anc = compute_logprobs(chunks, mbs, **lp_kw)
-        st = _per_doc_stats(pol, anc, mbs, n_docs, ctx)
+            anc = compute_logprobs(chunks, all_mbs, **lp_kw)
+        st = _per_doc_stats(pol, anc, all_mbs, n_docs, ctx)
         kl = st["kl_sum"] / (st["tokens"].clamp(min=1) if cfg.loss.kl_reduce == "mean" else 1.0)
         times["logprob_s"] = time.perf_counter() - t
         # -- advantages -------------------------------------------------------------------------------
         beta = cfg.loss.kl_coef if cfg.loss.kl_in == "reward" else 0.0
         adv = t1_advantages(kept_rewards, kl.view(-1, k), beta=beta, config=cfg.loss).reshape(-1)
         tis_sum = tis_clip = 0.0
-        for i, mb in enumerate(mbs):
+        for i, mb in enumerate(all_mbs):
             a = adv.to(ctx.device)[mb["doc_ids"].clamp(min=0)] * mb["loss_mask"]
             if pol is not None:
                 mb["anchor_logprobs"] = anc[i]["logprobs"]
+                if n_mini > 1:
+                    mb["old_logprobs"] = pol[i]["logprobs"]
                 if cfg.loss.tis_cap is not None:
                     w = torch.exp(pol[i]["logprobs"] - mb["rollout_logprobs"])
                     m = mb["loss_mask"]
@@ -286,29 +303,43 @@ def run_rl(cfg: Config) -> dict:
                     tis_sum += float((w * m).sum())
                     a = a * w
             mb["advantages"] = a
-        # -- train ------------------------------------------------------------------------------
+        # -- train: one optimizer step per mini-batch, the anchor follows every step -----------------------
         t = time.perf_counter()
-        G = sum(len(d) - p for d, p in zip(docs, plens))
-        step_fn = partial(
-            rl_forward_step,
-            loss_config=cfg.loss,
-            temperature=ro.temperature,
-            vocab_size=cfg.model.vocab_size,
-            global_num_tokens=G,
-            global_num_seqs=n_docs,
-        )
-        res = train_step(chunks, optimizer, scheduler, step_fn, mbs, seq_length=seq, micro_batch_size=micro)
-        times["train_s"] = time.perf_counter() - t
         done = step + 1
-        skipped = res.skipped or not math.isfinite(res.loss)
-        if skipped:
-            logger.info(
-                f"step {done}: non-finite loss or gradient (loss {res.loss}, grad norm {res.grad_norm}); "
-                "update skipped"
+        G = sum(len(d) - p for d, p in zip(docs, plens))
+        results, action, skipped = [], "none", False
+        for j, (part, mbs) in enumerate(zip(parts, part_mbs)):
+            step_fn = partial(
+                rl_forward_step,
+                loss_config=cfg.loss,
+                temperature=ro.temperature,
+                vocab_size=cfg.model.vocab_size,
+                global_num_tokens=sum(len(docs[d]) - plens[d] for d in part),
+                global_num_seqs=len(part),
             )
+            res = train_step(
+                chunks, optimizer, scheduler, step_fn, mbs, seq_length=seq, micro_batch_size=micro
+            )
+            bad = res.skipped or not math.isfinite(res.loss)
+            skipped = skipped or bad
+            if bad:
+                logger.info(
+                    f"step {done} (optimizer step {j + 1} of {n_mini}): non-finite loss or gradient "
+                    f"(loss {res.loss}, grad norm {res.grad_norm}); update skipped"
+                )
+            else:
+                a_ = anchor.update(step * n_mini + j + 1)
+                action = "reset" if a_ == "reset" else action
+            results.append(res)
         guard.update(skipped, done)
-        # -- anchor ------------------------------------------------------------------------------
-        action = anchor.update(done) if not skipped else "none"
+        times["train_s"] = time.perf_counter() - t
+        res = results[-1]
+        res_loss = sum(r.loss for r in results) / len(results)
+        res_gn = sum(r.grad_norm for r in results) / len(results)
+        res_metrics = {
+            key: sum(r.metrics.get(key, 0.0) for r in results) / len(results) for key in res.metrics
+        }
+        plan_stats = {key: sum(p.stats()[key] for p in plans) / len(plans) for key in plans[0].stats()}
         # -- weight sync -------------------------------------------------------------------------
         t = time.perf_counter()
         sync_res = sync(engine, chunks)
@@ -339,9 +370,9 @@ def run_rl(cfg: Config) -> dict:
         lengths = torch.tensor([len(c.token_ids) for c in flat], dtype=torch.float32)
         n_tok = max(G, 1)
         scalars = {
-            "loss": res.loss,
+            "loss": res_loss,
             "lr": res.lr,
-            "grad_norm": res.grad_norm,
+            "grad_norm": res_gn,
             "skipped": float(skipped),
             "reward_mean": float(rewards.mean()),
             "accuracy": float((rewards > 0).float().mean()),
@@ -355,9 +386,9 @@ def run_rl(cfg: Config) -> dict:
             "anchor_reset": 1.0 if action == "reset" else 0.0,
             "mismatch_mean": st["mismatch_mean"],
             "mismatch_max": st["mismatch_max"],
-            **plan.stats(),
+            **plan_stats,
             **sync_res.metrics(),
-            **{f"m/{k_}": v for k_, v in res.metrics.items()},
+            **{f"m/{k_}": v for k_, v in res_metrics.items()},
             **ev,
             **times,
         }
