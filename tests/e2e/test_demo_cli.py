@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 def test_quick_demo_end_to_end(tmp_path):
     out = tmp_path / "demo"
-    r = run_cli([sys.executable, "-m", "megatron_t1", "demo", "--quick", "--out", str(out)], timeout=600)
+    r = run_cli([sys.executable, "-m", "megatron_t1", "demo", "--quick", "--out", str(out)], timeout=420)
     assert r.returncode == 0, r.stderr[-4000:]
     s = json.loads((out / "summary.json").read_text())
     for key in ("sft_accuracy", "rl_accuracy", "heldout_size", "wall_seconds"):
