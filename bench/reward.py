@@ -55,11 +55,17 @@ PROBLEMS = [
     ("90^\\circ", ["90", "90^{\\circ}", "90^\\circ"], ["45^\\circ", "180"]),
     ("25\\%", ["25\\%", "0.25", "25"], ["0.52", "52\\%"]),
     ("\\text{Monday}", ["\\text{Monday}", "Monday"], ["\\text{Tuesday}", "\\text{Sunday}"]),
-    (PMAT, [PMAT, "\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}"],
-     ["\\begin{pmatrix}2&1\\\\3&4\\end{pmatrix}", "\\begin{pmatrix}1&3\\\\2&4\\end{pmatrix}"]),
+    (
+        PMAT,
+        [PMAT, "\\begin{pmatrix} 1 & 2 \\\\ 3 & 4 \\end{pmatrix}"],
+        ["\\begin{pmatrix}2&1\\\\3&4\\end{pmatrix}", "\\begin{pmatrix}1&3\\\\2&4\\end{pmatrix}"],
+    ),
     ("1000000", ["1,000,000", "10^6", "1000000"], ["100000", "1,000,001"]),
-    ("\\frac{\\sqrt{3}}{2}", ["\\dfrac{\\sqrt3}{2}", "\\frac{1}{2}\\sqrt{3}"],
-     ["\\frac{\\sqrt{2}}{2}", "\\frac{1}{2}"]),
+    (
+        "\\frac{\\sqrt{3}}{2}",
+        ["\\dfrac{\\sqrt3}{2}", "\\frac{1}{2}\\sqrt{3}"],
+        ["\\frac{\\sqrt{2}}{2}", "\\frac{1}{2}"],
+    ),
     ("(1,-2)", ["\\left(1,-2\\right)", "(1, -2)"], ["(-2,1)", "(1,2)"]),
     ("x^2+2x+1", ["(x+1)^2", "x^2 + 2x + 1", "1+2x+x^2"], ["x^2+1", "(x-1)^2"]),
     ("\\frac{3}{4}", ["0.75", "\\dfrac34", "\\tfrac{3}{4}"], ["\\frac{4}{3}", "0.57"]),
@@ -82,11 +88,26 @@ PROBLEMS = [
     ("17", ["17"], ["71", "16"]),
 ]
 ADVERSARIAL = [
-    "9^{9^{9}}", "2^{2^{30}}", "10^{10^{10}}", "(10^{100000})!", "\\binom{10^{9}}{10^{8}}",
-    "99999999999^{99999999}", "e^{10^{10}}", "9^{9^{9^{9}}}", "(x+y+z+1)^{40}", "(a+b+c+d+e+1)^{25}",
-    "(" * 300 + "1" + ")" * 300, "(" * 100_000 + "1" + ")" * 100_000, "x_{1}x_{2}" * 200,
-    "\\sqrt{2^{2^{40}}}", "3\\cdot 2^{2^{30}}", "\\frac{1}{9^{9^{9}}}", "2^{2^{2^{2^{2}}}}",
-    "\\prod_{k=1}^{10^{6}} k", "(x+1)^{2000} - (x-1)^{2000}", "\\sum_{k=1}^{10^{12}} k^{3}",
+    "9^{9^{9}}",
+    "2^{2^{30}}",
+    "10^{10^{10}}",
+    "(10^{100000})!",
+    "\\binom{10^{9}}{10^{8}}",
+    "99999999999^{99999999}",
+    "e^{10^{10}}",
+    "9^{9^{9^{9}}}",
+    "(x+y+z+1)^{40}",
+    "(a+b+c+d+e+1)^{25}",
+    "(" * 300 + "1" + ")" * 300,
+    "(" * 100_000 + "1" + ")" * 100_000,
+    "x_{1}x_{2}" * 200,
+    "\\sqrt{2^{2^{40}}}",
+    "3\\cdot 2^{2^{30}}",
+    "\\frac{1}{9^{9^{9}}}",
+    "2^{2^{2^{2^{2}}}}",
+    "\\prod_{k=1}^{10^{6}} k",
+    "(x+1)^{2000} - (x-1)^{2000}",
+    "\\sum_{k=1}^{10^{12}} k^{3}",
 ]
 SENTENCES = [
     "First, rewrite the condition as ${a}x^2 + {b}x - {c} = 0$ and look at its discriminant.",
@@ -121,9 +142,26 @@ SENTENCES = [
 def _sentence(rng: random.Random) -> str:
     a, b, c, d = (rng.randint(2, 99) for _ in range(4))
     p = rng.choice([3, 5, 7, 11, 13])
-    vals = dict(a=a, b=b, c=c, d=d, p=p, ab=a * b, a2b=a * a - b, disc=b * b - 4 * a * c, half=a * b / 2,
-                am1=a - 1, binom=a * (a - 1) // 2, g=math.gcd(a, b), amodp=a % p, bd=b + d,
-                ca=c - a, cc=c * c, a1=a + 1, tri=a * (a + 1) // 2)
+    vals = dict(
+        a=a,
+        b=b,
+        c=c,
+        d=d,
+        p=p,
+        ab=a * b,
+        a2b=a * a - b,
+        disc=b * b - 4 * a * c,
+        half=a * b / 2,
+        am1=a - 1,
+        binom=a * (a - 1) // 2,
+        g=math.gcd(a, b),
+        amodp=a % p,
+        bd=b + d,
+        ca=c - a,
+        cc=c * c,
+        a1=a + 1,
+        tri=a * (a + 1) // 2,
+    )
     return rng.choice(SENTENCES).format(**vals)
 
 
@@ -136,8 +174,9 @@ def _body(rng: random.Random, chars: int) -> str:
     return "\n\n".join(parts)
 
 
-def _respond(rng: random.Random, answer: str | None, *, phrase: bool = False, chars: int | None = None
-             ) -> str:
+def _respond(
+    rng: random.Random, answer: str | None, *, phrase: bool = False, chars: int | None = None
+) -> str:
     body = _body(rng, chars if chars is not None else rng.randint(1800, 7600))
     if answer is None:
         return body
@@ -209,8 +248,10 @@ def main() -> None:
     ap.add_argument("--json", type=str, default=None)
     args = ap.parse_args()
     cfg = RewardConfig(num_workers=args.workers)
-    print(f"cpus {os.cpu_count()}, affinity {len(os.sched_getaffinity(0))}, "
-          f"load avg {os.getloadavg()[0]:.1f}, timeout_s {cfg.timeout_s}, wall_guard_s {cfg.wall_guard_s}")
+    print(
+        f"cpus {os.cpu_count()}, affinity {len(os.sched_getaffinity(0))}, "
+        f"load avg {os.getloadavg()[0]:.1f}, timeout_s {cfg.timeout_s}, wall_guard_s {cfg.wall_guard_s}"
+    )
     rows = []
     t0 = time.perf_counter()
     with RewardScorer(cfg) as pool, RewardScorer(RewardConfig(num_workers=0)) as local:
@@ -224,8 +265,12 @@ def main() -> None:
             chars = [len(x) for x, a in zip(batch[0], batch[4]) if not a]
             ordinary = _subset(batch, [not a for a in batch[4]])
             adversarial = _subset(batch, batch[4])
-            row = {"seed": r, "n_ordinary": len(ordinary[0]), "n_adversarial": len(adversarial[0]),
-                   "chars_median": statistics.median(chars)}
+            row = {
+                "seed": r,
+                "n_ordinary": len(ordinary[0]),
+                "n_adversarial": len(adversarial[0]),
+                "chars_median": statistics.median(chars),
+            }
             pids = pool.worker_pids
             cpu0, parent0, t = _cpu(pids), time.process_time(), time.perf_counter()
             res = pool.score(ordinary[0], ordinary[1], truncated=ordinary[2])
@@ -256,9 +301,17 @@ def main() -> None:
             row["adversarial_reasons"] = dict(Counter(adv.reasons))
             rows.append(row)
             print(f"round {r}: {json.dumps(row)}")
-    keys = ("pool_ordinary_s", "single_ordinary_s", "pool_full_s", "pool_adversarial_only_s", "single_cpu_s",
-            "pool_parent_cpu_s", "pool_workers_cpu_s", "pool_full_workers_cpu_s",
-            "pool_adversarial_workers_cpu_s")
+    keys = (
+        "pool_ordinary_s",
+        "single_ordinary_s",
+        "pool_full_s",
+        "pool_adversarial_only_s",
+        "single_cpu_s",
+        "pool_parent_cpu_s",
+        "pool_workers_cpu_s",
+        "pool_full_workers_cpu_s",
+        "pool_adversarial_workers_cpu_s",
+    )
     med = {k: statistics.median(r[k] for r in rows) for k in keys}
     n_ord = rows[0]["n_ordinary"]
     single_rate = n_ord / med["single_ordinary_s"]
@@ -274,21 +327,33 @@ def main() -> None:
     print(f"| {n_ord} ordinary, pool | {med['pool_ordinary_s']:.2f} s ({pool_rate:.0f}/s) | <= 10 s |")
     print(f"| {n_ord} ordinary, single process | {med['single_ordinary_s']:.2f} s ({single_rate:.0f}/s) | |")
     print(f"| pool efficiency = pool / ({args.workers} x single) | {efficiency:.2f} | >= 0.80 |")
-    print(f"| CPU s: single {med['single_cpu_s']:.2f}, pool workers {med['pool_workers_cpu_s']:.2f} + parent "
-          f"{med['pool_parent_cpu_s']:.2f}; CPU efficiency | {cpu_efficiency:.2f} | |")
+    print(
+        f"| CPU s: single {med['single_cpu_s']:.2f}, pool workers {med['pool_workers_cpu_s']:.2f} + parent "
+        f"{med['pool_parent_cpu_s']:.2f}; CPU efficiency | {cpu_efficiency:.2f} | |"
+    )
     print(f"| full 2,048 with the adversarial ones, pool | {med['pool_full_s']:.2f} s | |")
     print(f"| extra wall time of the adversarial ones | {extra:.2f} s | <= {budget:.1f} s |")
     extra_cpu = med["pool_full_workers_cpu_s"] - med["pool_workers_cpu_s"]
-    print(f"| extra workers' CPU of the adversarial ones (full - ordinary) | {extra_cpu:.2f} CPU s | "
-          f"<= {budget * args.workers:.1f} |")
-    print(f"| the adversarial ones alone | {med['pool_adversarial_only_s']:.2f} s, "
-          f"{med['pool_adversarial_workers_cpu_s']:.2f} workers' CPU s | |")
+    print(
+        f"| extra workers' CPU of the adversarial ones (full - ordinary) | {extra_cpu:.2f} CPU s | "
+        f"<= {budget * args.workers:.1f} |"
+    )
+    print(
+        f"| the adversarial ones alone | {med['pool_adversarial_only_s']:.2f} s, "
+        f"{med['pool_adversarial_workers_cpu_s']:.2f} workers' CPU s | |"
+    )
     print(f"| adversarial outcomes | {rows[-1]['adversarial_reasons']} | |")
     print(f"| reasons (ordinary, last round) | {rows[-1]['reasons']} | |")
     print(f"| label disagreements | {[r['disagree'] for r in rows]} of {rows[0]['labelled']} | |")
     if args.json:
-        out = {"rows": rows, "median": med, "startup_s": startup, "efficiency": efficiency,
-               "cpu_efficiency": cpu_efficiency, "adversarial_extra_s": extra}
+        out = {
+            "rows": rows,
+            "median": med,
+            "startup_s": startup,
+            "efficiency": efficiency,
+            "cpu_efficiency": cpu_efficiency,
+            "adversarial_extra_s": extra,
+        }
         Path(args.json).write_text(json.dumps(out, indent=1))
 
 

@@ -106,9 +106,9 @@ class ModelConfig:
     core_attention: Literal["sdpa", "megatron"] = "sdpa"
     """Core attention of the local layer spec (no TransformerEngine): ``sdpa`` runs
     ``torch.nn.functional.scaled_dot_product_attention`` (fused kernels, no [b, heads, s, s] tensor
-    kept for backward: 1.7x faster SFT steps on CPU, less memory on GPU); ``megatron`` is Megatron's
-    own unfused ``DotProductAttention``. Same numbers either way (tests/dist/test_sdpa_attention.py).
-    Ignored when the TE spec is used."""
+    kept for backward: 1.4x faster tiny SFT steps on CPU, bench/attention.py; less memory on GPU);
+    ``megatron`` is Megatron's own unfused ``DotProductAttention``. Same numbers either way
+    (tests/dist/test_sdpa_attention.py). Ignored when the TE spec is used."""
     recompute: Literal["none", "full", "selective"] = "none"
     """Activation recomputation: none, full (every layer), or selective (attention core only)."""
     tokenizer: str | None = None
@@ -222,6 +222,11 @@ class DataConfig:
 class OptimConfig:
     """Adam with fp32 master weights, gradient clipping and a warmup + decay schedule."""
 
+    optimizer: Literal["adam", "sgd"] = "adam"
+    """Adam (T1), or SGD with momentum ``sgd_momentum`` (steps proportional to the gradient: no
+    per-parameter normalisation that turns low-signal gradients into full-size noisy steps)."""
+    sgd_momentum: float = 0.9
+    """Momentum of SGD."""
     lr: float = 1e-5
     """Peak learning rate (T1: SFT 1e-5, RL 1.5e-6)."""
     min_lr: float = 0.0

@@ -48,7 +48,8 @@ def build_optimizer(cfg: Config, chunks: Sequence[torch.nn.Module]):
     """
     o = cfg.optim
     ocfg = OptimizerConfig(
-        optimizer="adam",
+        optimizer=o.optimizer,
+        sgd_momentum=o.sgd_momentum,
         lr=o.lr,
         min_lr=o.min_lr,
         weight_decay=o.weight_decay,
