@@ -54,7 +54,9 @@ def _cmd_rl(args) -> int:
 def _cmd_demo(args) -> int:
     from megatron_t1.demo import run_demo
 
-    summary = run_demo(out_dir=args.out, seed=args.seed, quick=args.quick)
+    summary = run_demo(
+        out_dir=args.out, seed=args.seed, quick=args.quick, reuse_sft=args.reuse_sft, rl_overrides=args.rl_set
+    )
     _print_summary("demo", {k: v for k, v in summary.items() if k != "scaling"})
     return 0
 
@@ -130,6 +132,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
     p.add_argument("--seed", type=int, default=1234, help="seed for data, init and sampling")
     p.add_argument("--quick", action="store_true", help="a much shorter run (smoke test, low accuracy)")
+    p.add_argument(
+        "--reuse-sft",
+        action="store_true",
+        help="keep the SFT checkpoint and export already in --out (iterate on the RL stage only)",
+    )
+    p.add_argument(
+        "--rl-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of examples/tiny_cpu/rl.yaml for the RL stage (repeatable)",
+    )
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser(

@@ -119,7 +119,14 @@ def _rl_tp2(out: Path, steps: int, log) -> None:
 
 
 def run_demo(
-    out_dir: str = "runs/demo", *, seed: int = 1234, quick: bool = False, tp2_steps: int = 2, log=print
+    out_dir: str = "runs/demo",
+    *,
+    seed: int = 1234,
+    quick: bool = False,
+    tp2_steps: int = 2,
+    reuse_sft: bool = False,
+    rl_overrides: list[str] | None = None,
+    log=print,
 ) -> dict:
     """Run the demo end to end; returns (and writes) the summary."""
     import torch
@@ -156,25 +163,37 @@ def run_demo(
 
     # -- SFT ----------------------------------------------------------------------------------------
     t = time.perf_counter()
+    sft_hf = out / "sft_hf"
+    reuse = (
+        reuse_sft
+        and (out / "sft" / "checkpoints" / "latest").is_file()
+        and (sft_hf / "config.json").is_file()
+    )
     sft_cfg = load_config(
         SFT_EXAMPLE,
         [*common, "run.name=sft", f"data.train_path={paths['train']}"]
         + (["run.train_steps=20"] if quick else []),
     )
-    sft = run_sft(sft_cfg)
-    destroy_parallel()
+    if reuse:
+        sft = {"final_loss": float("nan")}
+        log(f"[demo] reusing the SFT checkpoint in {out / 'sft'} (--reuse-sft)")
+    else:
+        sft = run_sft(sft_cfg)
+        destroy_parallel()
+        shutil.rmtree(sft_hf, ignore_errors=True)
+        mcore_to_hf(out / "sft" / "checkpoints", sft_hf, progress=False)
+        for f in Path(paths["tokenizer"]).iterdir():  # the export carries no tokenizer of its own here
+            if f.is_file() and not (sft_hf / f.name).exists():
+                shutil.copy2(f, sft_hf / f.name)
+        log(f"[demo] SFT done in {time.perf_counter() - t:.0f}s (final loss {sft['final_loss']:.4f})")
     times["sft_seconds"] = time.perf_counter() - t
-    sft_hf = out / "sft_hf"
-    shutil.rmtree(sft_hf, ignore_errors=True)
-    mcore_to_hf(out / "sft" / "checkpoints", sft_hf, progress=False)
-    for f in Path(paths["tokenizer"]).iterdir():  # the export carries no tokenizer of its own here
-        if f.is_file() and not (sft_hf / f.name).exists():
-            shutil.copy2(f, sft_hf / f.name)
-    log(f"[demo] SFT done in {times['sft_seconds']:.0f}s (final loss {sft['final_loss']:.4f})")
 
     # -- RL: TP=1 in this process, then the last steps at TP=2 ----------------------------------------
     t = time.perf_counter()
     steps = 3 if quick else rl_base.run.train_steps
+    for o in rl_overrides or []:  # --rl-set run.train_steps=N changes the phase split too
+        if o.startswith("run.train_steps="):
+            steps = int(o.split("=", 1)[1])
     tp2 = min(tp2_steps, steps - 1)
     rl_over = [
         *common,
@@ -186,6 +205,7 @@ def run_demo(
     ]
     if quick:
         rl_over += ["rollout.prompts_per_step=4", "rollout.max_new_tokens=64", "data.seq_length=192"]
+    rl_over += list(rl_overrides or [])
     if tp2 > 0:
         rl_over.append(f"run.exit_interval={steps - tp2}")
     shutil.rmtree(out / "rl", ignore_errors=True)  # the demo always starts RL from its fresh SFT
