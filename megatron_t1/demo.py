@@ -132,12 +132,11 @@ def run_demo(
     import torch
 
     from megatron_t1.config import load_config
-    from megatron_t1.convert.offline import mcore_to_hf
     from megatron_t1.eval.cli import run_eval
     from megatron_t1.eval.loaders import load_problems
     from megatron_t1.mcore.parallel import destroy_parallel
     from megatron_t1.reward import RewardConfig
-    from megatron_t1.train.rl import run_rl
+    from megatron_t1.train.rl import export_hf, run_rl
     from megatron_t1.train.sft import run_sft
 
     t0 = time.perf_counter()
@@ -180,11 +179,7 @@ def run_demo(
     else:
         sft = run_sft(sft_cfg)
         destroy_parallel()
-        shutil.rmtree(sft_hf, ignore_errors=True)
-        mcore_to_hf(out / "sft" / "checkpoints", sft_hf, progress=False)
-        for f in Path(paths["tokenizer"]).iterdir():  # the export carries no tokenizer of its own here
-            if f.is_file() and not (sft_hf / f.name).exists():
-                shutil.copy2(f, sft_hf / f.name)
+        export_hf(sft_cfg, out / "sft" / "checkpoints", sft_hf)  # the RL run's export, tokenizer included
         log(f"[demo] SFT done in {time.perf_counter() - t:.0f}s (final loss {sft['final_loss']:.4f})")
     times["sft_seconds"] = time.perf_counter() - t
 

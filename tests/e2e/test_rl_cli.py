@@ -61,9 +61,16 @@ def _metrics(run_dir: Path) -> dict[int, dict]:
 def full_run(data, tmp_path_factory):
     out = tmp_path_factory.mktemp("full")
     cfg = _config(data, out)
-    r = _run([sys.executable, "-m", "megatron_t1", "rl", "--config", str(cfg)], timeout=300)
+    r = _run(_rl_cmd(cfg), timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     return _metrics(out / "r")
+
+
+def _rl_cmd(cfg: Path, *sets: str) -> list[str]:
+    cmd = [sys.executable, "-m", "megatron_t1", "rl", "--config", str(cfg)]
+    for s in sets:
+        cmd += ["--set", s]
+    return cmd
 
 
 KEYS = ("loss", "reward_mean", "kl_anchor", "grad_norm", "response_len")
@@ -82,7 +89,7 @@ def test_rl_steps_and_resume(data, full_run, tmp_path):
     assert abs(full[2]["kl_anchor"]) > 1e-7
 
     cfg = _config(data, tmp_path / "stop")
-    cmd = [sys.executable, "-m", "megatron_t1", "rl", "--config", str(cfg), "--set", "run.exit_interval=1"]
+    cmd = _rl_cmd(cfg, "run.exit_interval=1")
     for _ in range(2):
         r = _run(cmd, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
@@ -97,16 +104,7 @@ def test_kill_9_then_same_command_continues(data, full_run, tmp_path):
     """SIGKILL while the first checkpoint is being written (or, if that window is missed, right after
     it): the restarted command ignores any partial checkpoint and ends with the uninterrupted metrics."""
     cfg = _config(data, tmp_path / "kill")
-    cmd = [
-        sys.executable,
-        "-m",
-        "megatron_t1",
-        "rl",
-        "--config",
-        str(cfg),
-        "--set",
-        "checkpoint.save_interval=1",
-    ]
+    cmd = _rl_cmd(cfg, "checkpoint.save_interval=1")
     ckpts = tmp_path / "kill" / "r" / "checkpoints"
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.Popen(
@@ -158,16 +156,7 @@ def test_two_optimizer_steps_per_rollout_batch(data, full_run, tmp_path):
     """loss.optim_steps_per_batch=2: two mini-batches per rollout batch, the second off-policy (clipped
     ratio against the log-probs taken before the first update); the first rollout batch is the same."""
     cfg = _config(data, tmp_path / "mb2")
-    cmd = [
-        sys.executable,
-        "-m",
-        "megatron_t1",
-        "rl",
-        "--config",
-        str(cfg),
-        "--set",
-        "loss.optim_steps_per_batch=2",
-    ]
+    cmd = _rl_cmd(cfg, "loss.optim_steps_per_batch=2")
     r = _run(cmd, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
     m = _metrics(tmp_path / "mb2" / "r")

@@ -36,8 +36,12 @@ def test_scores_file_with_pool(tmp_path, capsys):
     assert run(_args("--input", str(src), "--output", str(dst), "--reward", "min_mean_logprob=-5")) == 0
     out = [json.loads(line) for line in dst.read_text(encoding="utf-8").splitlines()]
     assert [o["id"] for o in out] == [1, 2, 3, 4]
-    assert [(o["reward"], o["reason"]) for o in out] == [(1.0, "correct"), (0.0, "wrong"), (-1.0, "overlong"),
-                                                         (-1.0, "perplexity")]
+    assert [(o["reward"], o["reason"]) for o in out] == [
+        (1.0, "correct"),
+        (0.0, "wrong"),
+        (-1.0, "overlong"),
+        (-1.0, "perplexity"),
+    ]
     assert out[0]["extracted"] == "\\frac{1}{2}" and out[0]["response"] == ROWS[0]["response"]
     assert out[3]["response"] == ROWS[3]["response"]  # unicode kept
     assert "scored 4 responses" in capsys.readouterr().out
@@ -48,9 +52,24 @@ def test_field_names_and_batches(tmp_path):
     src, dst = tmp_path / "in.jsonl", tmp_path / "scored.jsonl"
     rows = [{"completion": f"\\boxed{{{i}}}", "answer": str(i % 3), "cut": False} for i in range(7)]
     _write(src, rows)
-    code = run(_args("--input", str(src), "--output", str(dst), "--response-field", "completion",
-                     "--gold-field", "answer", "--truncated-field", "cut", "--batch-size", "3",
-                     "--num-workers", "0"))
+    code = run(
+        _args(
+            "--input",
+            str(src),
+            "--output",
+            str(dst),
+            "--response-field",
+            "completion",
+            "--gold-field",
+            "answer",
+            "--truncated-field",
+            "cut",
+            "--batch-size",
+            "3",
+            "--num-workers",
+            "0",
+        )
+    )
     assert code == 0
     out = [json.loads(line) for line in dst.read_text().splitlines()]
     assert [o["reward"] for o in out] == [1.0 if i < 3 else 0.0 for i in range(7)]
@@ -94,9 +113,19 @@ def test_run_takes_the_run_config(tmp_path):
     """``run(args, config)``: the caller's reward section is the base, flags override it."""
     src, dst = tmp_path / "in.jsonl", tmp_path / "o.jsonl"
     _write(src, [{"response": "\\boxed{1}", "gold": "1", "truncated": True}])
-    assert run(_args("--input", str(src), "--output", str(dst)), RewardConfig(num_workers=0,
-                                                                             overlong_enabled=False)) == 0
+    assert (
+        run(
+            _args("--input", str(src), "--output", str(dst)),
+            RewardConfig(num_workers=0, overlong_enabled=False),
+        )
+        == 0
+    )
     assert json.loads(dst.read_text())["reason"] == "correct"
-    assert run(_args("--input", str(src), "--output", str(dst), "--reward", "overlong_enabled=true"),
-               RewardConfig(num_workers=0, overlong_enabled=False)) == 0
+    assert (
+        run(
+            _args("--input", str(src), "--output", str(dst), "--reward", "overlong_enabled=true"),
+            RewardConfig(num_workers=0, overlong_enabled=False),
+        )
+        == 0
+    )
     assert json.loads(dst.read_text())["reason"] == "overlong"

@@ -112,8 +112,15 @@ def test_extract_choice(text, expected):
 
 
 def test_gold_choice_and_text():
-    assert [gold_choice(g) for g in ("C", "(B)", " D ", "c", "CD", "12", "x")] == ["C", "B", "D", None, None,
-                                                                                    None, None]
+    assert [gold_choice(g) for g in ("C", "(B)", " D ", "c", "CD", "12", "x")] == [
+        "C",
+        "B",
+        "D",
+        None,
+        None,
+        None,
+        None,
+    ]
     assert gold_text("$\\frac{1}{2}$") == "\\frac{1}{2}"
     assert gold_text("\\(x=3\\)") == "x=3"
     assert gold_text("$$7$$") == "7"

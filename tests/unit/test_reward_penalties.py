@@ -43,8 +43,11 @@ def t1_trace(rng_seed: int, steps: int = 12) -> str:
                 lines.append(f"check: {got} {inverse} {b} = {back}, not {value}, wrong")
                 lines.append("wait, that is wrong again. Let me retry more carefully.")
         value = true
-    lines += ["Let me verify the whole chain once more: every check above says correct.", "</think>",
-              f"The answer is \\boxed{{{value}}}."]
+    lines += [
+        "Let me verify the whole chain once more: every check above says correct.",
+        "</think>",
+        f"The answer is \\boxed{{{value}}}.",
+    ]
     return "\n".join(lines)
 
 
@@ -208,8 +211,9 @@ def test_every_firing_detector_is_reported_in_order():
     cfg = dataclasses.replace(CFG, min_mean_logprob=-1.0)
     text = "Thе rеsult оf thе sum " + "ha " * 400
     assert _fires(text, cfg, truncated=True, lp=-2.0) == ("overlong", "repetition", "garbage", "perplexity")
-    off = dataclasses.replace(cfg, overlong_enabled=False, repetition_enabled=False, garbage_enabled=False,
-                              min_mean_logprob=None)
+    off = dataclasses.replace(
+        cfg, overlong_enabled=False, repetition_enabled=False, garbage_enabled=False, min_mean_logprob=None
+    )
     assert _fires(text, off, truncated=True, lp=-2.0) == ()
 
 
