@@ -2,6 +2,7 @@
 
     python bench/mfu.py                       # Qwen2.5-0.5B shape, bf16 on GPU (fp32 tiny on CPU)
     python bench/mfu.py --shape tiny --steps 5
+    python bench/mfu.py --core-attention megatron   # Megatron's unfused local attention, for comparison
 
 FLOPs per trained token (fwd + bwd) = 6 * N + 12 * L * H * S, with N the parameters that take part
 in matmuls (the LM head included, the embedding lookup not), L layers, H hidden size, S sequence
@@ -50,6 +51,12 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--recompute", default="none", choices=["none", "full", "selective"])
     ap.add_argument("--distributed-optimizer", action="store_true")
+    ap.add_argument(
+        "--core-attention",
+        default="sdpa",
+        choices=["sdpa", "megatron"],
+        help="local-spec core attention: SDPA (flash / memory-efficient kernels) or Megatron's unfused one",
+    )
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the card")
     args = ap.parse_args()
 
@@ -69,6 +76,7 @@ def main() -> None:
                 **SHAPES[args.shape],
                 "precision": "bf16" if gpu else "fp32",
                 "recompute": args.recompute,
+                "core_attention": args.core_attention,
             },
             "parallel": {"use_distributed_optimizer": args.distributed_optimizer},
             "data": {
@@ -129,6 +137,7 @@ def main() -> None:
         "tokens_per_s": round(tokens / step_s, 1),
         "model_TFLOPs": round(achieved / 1e12, 2),
         "recompute": args.recompute,
+        "core_attention": args.core_attention,
         "distributed_optimizer": args.distributed_optimizer,
         "final_loss": round(res.loss, 4),
         "peak_mem_GB": round(torch.cuda.max_memory_allocated() / 2**30, 2) if gpu else None,

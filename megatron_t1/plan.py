@@ -35,9 +35,11 @@ Assumptions (each is a line of the printed table, so a wrong one is visible):
   interleaving multiplies the first stage's by 1 + (pp - 1)/(pp * vpp) and is applied to every stage.
   Stage 0 also holds the input embedding, the last stage the final norm, output layer and logits.
 * Logits on the last stage, [tokens, V_pad/t]: SFT's vocab-parallel cross-entropy holds the bf16
-  logits and their fp32 copy (2 + 4 B); the RL loss (``megatron_t1.rl.logprobs``) keeps the bf16
-  logits and allocates their bf16 gradient (2 + 2 B) plus three fp32 chunk tiles; with
-  ``loss.fused_output_layer`` only the tiles (about 16M logits each, or ``loss.chunk_size`` rows).
+  logits, their fp32 copy and, in backward, the bf16 gradient (2 + 4 + 2 B; the last 2 B were missing
+  until the 2026-11-26 H200 rows of bench/RESULTS.md showed a miss of 2 B per logit); the RL loss
+  (``megatron_t1.rl.logprobs``) keeps the bf16 logits and allocates their bf16 gradient (2 + 2 B)
+  plus three fp32 chunk tiles; with ``loss.fused_output_layer`` only the tiles (about 16M logits
+  each, or ``loss.chunk_size`` rows).
 * Full recompute keeps each layer's input and, during backward, one layer's full activations.
 * Anchor (RL only): sharded like the policy (TP/PP), replicated over DP; fp32 when it is an EMA
   (T1: in bf16 the EMA step is below half an ulp), in the policy's precision for resets or a frozen
@@ -353,7 +355,8 @@ def logits_bytes(x: PlanInputs) -> tuple[float, str]:
     rows = x.chunk_size or max(1, FUSED_TILE_ELEMENTS // int(cols))
     tiles = 3 * 4 * min(rows, tokens) * cols
     if x.mode == "sft":
-        return (x.elem + 4) * tokens * cols, f"[{tokens} x {int(cols)}] logits + fp32 copy (CE)"
+        # The CE backward's gradient is cast back to the logits' dtype while the fp32 buffer lives.
+        return (2 * x.elem + 4) * tokens * cols, f"[{tokens} x {int(cols)}] logits + fp32 copy + grad (CE)"
     if x.fused_output_layer:
         return tiles, f"fused output layer: 3 fp32 tiles of [{min(rows, tokens)} x {int(cols)}]"
     return 2 * x.elem * tokens * cols + tiles, f"[{tokens} x {int(cols)}] logits + their grad + 3 tiles"
@@ -792,7 +795,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--attention",
         choices=["flash", "unfused"],
         default="flash",
-        help="flash: TransformerEngine spec (clusters); unfused: Megatron's local spec",
+        help="flash: TransformerEngine spec or the local spec with model.core_attention=sdpa (the "
+        "default); unfused: the local spec with model.core_attention=megatron",
     )
     parser.add_argument("--json", action="store_true", help="print a JSON summary instead of the table")
 

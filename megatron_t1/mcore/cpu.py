@@ -2,9 +2,13 @@
 
 Megatron-Core assumes CUDA throughout. On a torch built without CUDA every ``torch.cuda.*`` entry
 point below asserts "Torch not compiled with CUDA enabled". :func:`enable_cpu_mode` patches exactly
-these points, once per process, and only when ``torch.cuda.is_available()`` is False; on a GPU
-machine it does nothing. This module is the single, contained exception to "no global mutable state"
-(see STYLE.md, point 7).
+these points, once per process, when ``torch.cuda.is_available()`` is False. On a GPU machine it does
+nothing, unless asked to (``force=True``, for ``run.device: cpu`` there): Megatron puts tensors on
+the GPU whenever CUDA exists (RoPE moves its frequencies to ``torch.cuda.current_device()`` at the
+first forward, the schedules allocate on "cuda"), so a CPU run on a GPU box must hide the GPU from
+the whole process: the same patches, plus ``torch.cuda.is_available`` -> False, after which the
+process cannot use its GPU any more. This module is the single, contained exception to "no global
+mutable state" (see STYLE.md, point 7).
 
 Patch points and why:
 
@@ -114,17 +118,19 @@ def _noop(*args, **kwargs):
     return None
 
 
-def enable_cpu_mode() -> bool:
+def enable_cpu_mode(force: bool = False) -> bool:
     """Apply every patch listed in the module docstring; returns True when CPU mode is active.
 
-    Idempotent, and a no-op returning False when CUDA is available.
+    Idempotent. Without ``force`` a no-op returning False when CUDA is available; with it, the GPU is
+    hidden from this process for good (``torch.cuda.is_available()`` is False from then on).
     """
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not force:
         return False
     with _lock:
         if _state["enabled"]:
             return True
         cuda = torch.cuda
+        cuda.is_available = lambda: False  # a no-op without CUDA; with force, the rest follows it
         cuda.current_device = lambda: 0
         cuda.synchronize = _noop
         cuda.empty_cache = _noop

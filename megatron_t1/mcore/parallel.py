@@ -59,7 +59,7 @@ def init_parallel(pcfg: ParallelConfig, *, seed: int, device: str = "auto") -> P
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("run.device is cuda but torch sees no GPU")
     if not use_cuda:
-        enable_cpu_mode()
+        enable_cpu_mode(force=device == "cpu")  # run.device cpu on a GPU box hides the GPU (mcore/cpu.py)
     backend = pcfg.backend if pcfg.backend != "auto" else ("nccl" if use_cuda else "gloo")
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # a plain `python -m megatron_t1 ...`: a world of one

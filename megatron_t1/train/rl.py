@@ -58,8 +58,9 @@ def _broadcast(obj, ctx: ParallelContext):
     return box[0]
 
 
-def _make_engine(cfg: Config, tok):
-    """An HF engine holding a model of the policy's shape; the first weight sync fills it."""
+def _make_engine(cfg: Config, tok, device: torch.device):
+    """An HF engine holding an fp32 model of the policy's shape on the trainer's device; the first
+    weight sync fills it."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from megatron_t1.convert.registry import spec_for_arch
@@ -70,7 +71,7 @@ def _make_engine(cfg: Config, tok):
     hf = dict(spec_for_arch(cfg.model.arch).hf_config(cfg.model, "float32"))
     model_type = hf.pop("model_type")
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **hf))
-    return HFEngine(model, tok)
+    return HFEngine(model.to(device), tok)
 
 
 def _per_doc_stats(pol, anc, mbs, n_docs: int, ctx: ParallelContext) -> dict[str, torch.Tensor]:
@@ -190,7 +191,7 @@ def run_rl(cfg: Config) -> dict:
     from megatron_t1.rollout.engine import SamplingParams
     from megatron_t1.rollout.weight_sync import WeightSync
 
-    engine = _make_engine(cfg, tok) if ctx.rank == 0 else None
+    engine = _make_engine(cfg, tok, ctx.device) if ctx.rank == 0 else None
     scorer = RewardScorer(cfg.reward) if ctx.rank == 0 else None
     sync = WeightSync(cfg)
     sync_res = sync(engine, chunks)
