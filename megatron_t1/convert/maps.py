@@ -163,6 +163,33 @@ class ArchSpec:
 # --------------------------------------------------------------------------------------------------
 
 
+def decoder_hf_config(mc: Any, dtype: str, *, architecture: str, model_type: str, **extra: Any) -> dict:
+    """The ``config.json`` keys every decoder here shares (the Llama layout: RMSNorm, SwiGLU, RoPE),
+    from a ModelConfig; ``extra`` adds an architecture's own keys or overrides these."""
+    cfg = {
+        "architectures": [architecture],
+        "model_type": model_type,
+        "hidden_size": mc.hidden_size,
+        "intermediate_size": mc.ffn_hidden_size,
+        "num_hidden_layers": mc.num_layers,
+        "num_attention_heads": mc.num_attention_heads,
+        "num_key_value_heads": mc.num_query_groups or mc.num_attention_heads,
+        "head_dim": mc.kv_channels or mc.hidden_size // mc.num_attention_heads,
+        "vocab_size": mc.vocab_size,
+        "max_position_embeddings": mc.max_position_embeddings,
+        "rms_norm_eps": mc.norm_epsilon,
+        "rope_theta": mc.rope_theta,
+        "hidden_act": "silu",
+        "tie_word_embeddings": mc.tie_word_embeddings,
+        "attention_dropout": 0.0,
+        "initializer_range": mc.init_method_std,
+        "use_cache": True,
+        "torch_dtype": dtype,
+    }
+    cfg.update(extra)
+    return cfg
+
+
 def merge_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, heads: int, groups: int, head_dim: int):
     """HF ``q [nq*d, *r]``, ``k, v [ng*d, *r]`` -> Megatron ``[(nq + 2ng)*d, *r]`` grouped
     ``[q heads of group 0, k_0, v_0, q heads of group 1, k_1, v_1, ...]``."""

@@ -109,6 +109,19 @@ def _worker(rank, world, tmp):
     res = {}
     mbs = _microbatches()
     G = int(sum(m["loss_mask"].sum() for m in mbs))
+
+    def _t1_step(loss_config, num_tokens):
+        """The forward step train_step calls: the T1 loss, token-mean over the whole batch."""
+        return lambda it, m: rl_forward_step(
+            it,
+            m,
+            loss_config=loss_config,
+            temperature=TAU,
+            vocab_size=VOCAB,
+            global_num_tokens=num_tokens,
+            global_num_seqs=None,
+        )
+
     lp_kw = dict(temperature=TAU, vocab_size=VOCAB, seq_length=SEQ, micro_batch_size=2)
 
     cfg = _cfg(2, tmp, {"ema": None, "reset_every": 1})
@@ -124,15 +137,7 @@ def _worker(rank, world, tmp):
         chunks,
         opt,
         sched,
-        lambda it, m: rl_forward_step(
-            it,
-            m,
-            loss_config=cfg.loss,
-            temperature=TAU,
-            vocab_size=VOCAB,
-            global_num_tokens=G,
-            global_num_seqs=None,
-        ),
+        _t1_step(cfg.loss, G),
         mbs,
         seq_length=SEQ,
         micro_batch_size=2,
@@ -197,15 +202,7 @@ def _worker(rank, world, tmp):
         chunksf,
         optf,
         schedf,
-        lambda it, m: rl_forward_step(
-            it,
-            m,
-            loss_config=cfgf.loss,
-            temperature=TAU,
-            vocab_size=VOCAB,
-            global_num_tokens=G,
-            global_num_seqs=None,
-        ),
+        _t1_step(cfgf.loss, G),
         mbs,
         seq_length=SEQ,
         micro_batch_size=2,

@@ -290,3 +290,32 @@ def test_architecture_constraints():
         for h in tm.hf
     }
     assert {"model.layers.0.self_attn.o_proj.bias", "model.layers.1.mlp.up_proj.bias"} <= names
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "glm"])
+@pytest.mark.parametrize("kv_channels", [None, 4])
+def test_hf_config_round_trips_through_model_config(arch, kv_channels, tmp_path):
+    """ModelConfig -> the spec's config.json -> (transformers reads it) -> ModelConfig: the same model."""
+    import json
+
+    from transformers import AutoConfig
+
+    from megatron_t1.convert.registry import model_config_from_hf_dir
+
+    mc = _mc(arch, kv_channels=kv_channels, rope_theta=5e5, norm_epsilon=1e-5, max_position_embeddings=64)
+    spec = spec_for_arch(arch)
+    cfg = spec.hf_config(mc, "float32")
+    assert cfg["architectures"] == [spec.hf_architecture]
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    hf = AutoConfig.from_pretrained(tmp_path)  # transformers accepts every key
+    assert hf.num_key_value_heads == 2 and hf.hidden_size == 16
+    got_spec, got, _ = model_config_from_hf_dir(tmp_path)
+    assert got_spec is spec
+    for field in (
+        "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+        "vocab_size", "add_qkv_bias", "add_bias_linear", "tie_word_embeddings", "rotary_percent",
+        "rope_theta", "norm_epsilon", "max_position_embeddings",
+    ):  # fmt: skip
+        assert getattr(got, field) == getattr(mc, field), field
+    head_dim = kv_channels or mc.hidden_size // mc.num_attention_heads
+    assert (got.kv_channels or got.hidden_size // got.num_attention_heads) == head_dim
