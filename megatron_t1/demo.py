@@ -185,22 +185,23 @@ def run_demo(
 
     # -- RL: TP=1 in this process, then the last steps at TP=2 ----------------------------------------
     t = time.perf_counter()
-    steps = 3 if quick else rl_base.run.train_steps
-    for o in rl_overrides or []:  # --rl-set run.train_steps=N changes the phase split too
-        if o.startswith("run.train_steps="):
-            steps = int(o.split("=", 1)[1])
-    tp2 = min(tp2_steps, steps - 1)
     rl_over = [
         *common,
         "run.name=rl",
-        f"run.train_steps={steps}",
         f"data.train_path={paths['rl']}",
         f"checkpoint.init_from={out / 'sft' / 'checkpoints'}",
         "checkpoint.save_interval=0",
     ]
     if quick:
-        rl_over += ["rollout.prompts_per_step=4", "rollout.max_new_tokens=64", "data.seq_length=192"]
+        rl_over += [
+            "run.train_steps=3",
+            "rollout.prompts_per_step=4",
+            "rollout.max_new_tokens=64",
+            "data.seq_length=192",
+        ]
     rl_over += list(rl_overrides or [])
+    steps = load_config(RL_EXAMPLE, rl_over).run.train_steps  # --rl-set run.train_steps=N included
+    tp2 = min(tp2_steps, steps - 1)
     if tp2 > 0:
         rl_over.append(f"run.exit_interval={steps - tp2}")
     shutil.rmtree(out / "rl", ignore_errors=True)  # the demo always starts RL from its fresh SFT
