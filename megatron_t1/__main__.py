@@ -55,7 +55,16 @@ def _cmd_demo(args) -> int:
     from megatron_t1.demo import run_demo
 
     summary = run_demo(
-        out_dir=args.out, seed=args.seed, quick=args.quick, reuse_sft=args.reuse_sft, rl_overrides=args.rl_set
+        out_dir=args.out,
+        seed=args.seed,
+        quick=args.quick,
+        reuse_sft=args.reuse_sft,
+        rl_overrides=args.rl_set,
+        sft_overrides=args.sft_set,
+        heldout_size=args.heldout,
+        device=args.device,
+        threads=args.threads,
+        tp2_steps=args.tp2_steps,
     )
     _print_summary("demo", {k: v for k, v in summary.items() if k != "scaling"})
     return 0
@@ -143,6 +152,36 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="override a field of examples/tiny_cpu/rl.yaml for the RL stage (repeatable)",
+    )
+    p.add_argument(
+        "--sft-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of examples/tiny_cpu/sft.yaml for the SFT stage (repeatable)",
+    )
+    p.add_argument(
+        "--heldout",
+        type=int,
+        default=None,
+        help="held-out problems to evaluate (default 500; 100 with --quick)",
+    )
+    p.add_argument(
+        "--tp2-steps",
+        type=int,
+        default=2,
+        help="last RL steps resumed with TP=2 over 2 processes (default 2; 0 = all at TP=1)",
+    )
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="cpu (default) or cuda: SFT, RL and evaluation on the GPU, for seed sweeps (--tp2-steps 0)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (default: every core; cap it when several demos share a box)",
     )
     p.set_defaults(func=_cmd_demo)
 

@@ -93,7 +93,7 @@ def _per_problem(responses: Path, label: str) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in scores.items()}
 
 
-def _rl_tp2(out: Path, steps: int, log) -> None:
+def _rl_tp2(out: Path, steps: int, log, threads: int | None = None) -> None:
     """Resume the RL run for its last steps with TP=2 over two local processes (torchrun)."""
     cmd = [
         sys.executable,
@@ -112,7 +112,7 @@ def _rl_tp2(out: Path, steps: int, log) -> None:
         "run.exit_interval=null",
     ]
     log(f"[demo] RL: last {steps} steps with TP=2 over 2 processes: {' '.join(cmd[2:])}")
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (threads or 2) // 2)))
     r = subprocess.run(cmd, env=env, cwd=os.getcwd())
     if r.returncode != 0:
         raise RuntimeError(f"the TP=2 phase of the RL run failed (exit code {r.returncode}); see above")
@@ -126,9 +126,19 @@ def run_demo(
     tp2_steps: int = 2,
     reuse_sft: bool = False,
     rl_overrides: list[str] | None = None,
+    sft_overrides: list[str] | None = None,
+    heldout_size: int | None = None,
+    device: str = "cpu",
+    threads: int | None = None,
     log=print,
 ) -> dict:
-    """Run the demo end to end; returns (and writes) the summary."""
+    """Run the demo end to end; returns (and writes) the summary.
+
+    ``device="cuda"`` runs SFT, RL and evaluation on the GPU (seed sweeps in minutes; the TP=2 phase
+    needs ``tp2_steps=0`` or two GPUs). ``threads`` caps torch's intra-op threads (default: every
+    core), so that several demos can share a many-core box without their threads spinning on each
+    other. ``heldout_size`` overrides the example's 500 held-out problems.
+    """
     import torch
 
     from megatron_t1.config import load_config
@@ -140,10 +150,15 @@ def run_demo(
     from megatron_t1.train.sft import run_sft
 
     t0 = time.perf_counter()
-    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
+    if device != "cpu" and tp2_steps > 0 and torch.cuda.device_count() < 2:
+        raise ValueError(
+            f"demo --device {device}: the TP=2 phase needs 2 GPUs, this machine has "
+            f"{torch.cuda.device_count()}; pass --tp2-steps 0"
+        )
     out = Path(out_dir)
     sft_base, rl_base = load_config(SFT_EXAMPLE), load_config(RL_EXAMPLE)
-    heldout_size = 100 if quick else sft_base.eval.heldout_size
+    heldout_size = heldout_size or (100 if quick else sft_base.eval.heldout_size)
     paths = build_task(
         out / "data",
         seed=seed,
@@ -157,6 +172,7 @@ def run_demo(
         f"run.seed={seed}",
         f"data.seed={seed}",
         f"model.tokenizer={paths['tokenizer']}",
+        f"run.device={device}",
     ]
     times: dict[str, float] = {}
 
@@ -171,7 +187,8 @@ def run_demo(
     sft_cfg = load_config(
         SFT_EXAMPLE,
         [*common, "run.name=sft", f"data.train_path={paths['train']}"]
-        + (["run.train_steps=20"] if quick else []),
+        + (["run.train_steps=20"] if quick else [])
+        + list(sft_overrides or []),
     )
     if reuse:
         sft = {"final_loss": float("nan")}
@@ -208,7 +225,7 @@ def run_demo(
     rl = run_rl(load_config(RL_EXAMPLE, rl_over))
     destroy_parallel()
     if tp2 > 0:
-        _rl_tp2(out, tp2, log)
+        _rl_tp2(out, tp2, log, threads)
     times["rl_seconds"] = time.perf_counter() - t
     rl_hf = out / "rl" / "hf"
     log(f"[demo] RL done in {times['rl_seconds']:.0f}s; final policy {rl_hf}")
@@ -228,6 +245,7 @@ def run_demo(
         budgets=[b for b in BUDGETS if b <= max_new],
         summary_max_tokens=32,
         reward_config=RewardConfig(num_workers=1),
+        device=device,
         log=log,
     )
     times["eval_seconds"] = time.perf_counter() - t
@@ -252,6 +270,7 @@ def run_demo(
         **times,
         "wall_seconds": time.perf_counter() - t0,
         "seed": seed,
+        "device": device,
     }
     tmp = out / "summary.json.tmp"
     tmp.write_text(json.dumps(summary, indent=2))

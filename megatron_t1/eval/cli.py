@@ -84,6 +84,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--system", default=None, help="optional system message of the prompt template")
     g.add_argument("--engine", choices=("hf", "vllm"), default="hf", help="rollout engine (default hf)")
     g.add_argument("--dtype", default="float32", help="engine dtype (float32, bfloat16)")
+    g.add_argument("--device", default="cpu", help="HF engine: torch device, e.g. cpu or cuda (default cpu)")
     g.add_argument(
         "--batch-sequences",
         type=int,
@@ -193,12 +194,21 @@ def resolve_checkpoint(
 
 
 def _load_engine(
-    hf_dir: Path, *, engine: str, dtype: str, seed: int, batch_sequences: int, max_new_tokens: int
+    hf_dir: Path,
+    *,
+    engine: str,
+    dtype: str,
+    seed: int,
+    batch_sequences: int,
+    max_new_tokens: int,
+    device: str = "cpu",
 ):
     if engine == "hf":
         from megatron_t1.rollout.hf_engine import HFEngine
 
-        return HFEngine.from_pretrained(hf_dir, dtype=dtype, max_batch_sequences=batch_sequences)
+        return HFEngine.from_pretrained(
+            hf_dir, dtype=dtype, max_batch_sequences=batch_sequences, device=device
+        )
     from megatron_t1.config import RolloutConfig
     from megatron_t1.rollout.engine import build_engine
 
@@ -290,6 +300,7 @@ def run_eval(
     summariser_dir: str | None = None,
     engine: str = "hf",
     dtype: str = "float32",
+    device: str = "cpu",
     batch_sequences: int = 256,
     system: str | None = None,
     tokenizer: str | None = None,
@@ -336,6 +347,7 @@ def run_eval(
                     seed=seed,
                     batch_sequences=batch_sequences,
                     max_new_tokens=summary_max_tokens,
+                    device=device,
                 )
                 summariser = Summariser(
                     s_engine, AutoTokenizer.from_pretrained(summariser_dir), False, system
@@ -353,6 +365,7 @@ def run_eval(
                     seed=seed,
                     batch_sequences=batch_sequences,
                     max_new_tokens=max_new_tokens,
+                    device=device,
                 )
                 try:
                     for name, problems in benchmarks.items():
@@ -489,6 +502,7 @@ def run(args: argparse.Namespace) -> int:
             summariser_dir=args.summariser,
             engine=args.engine,
             dtype=args.dtype,
+            device=args.device,
             batch_sequences=args.batch_sequences,
             system=args.system,
             tokenizer=args.tokenizer,
