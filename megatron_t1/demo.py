@@ -137,7 +137,7 @@ def run_demo(
     ``device="cuda"`` runs SFT, RL and evaluation on the GPU (seed sweeps in minutes; the TP=2 phase
     needs ``tp2_steps=0`` or two GPUs). ``threads`` caps torch's intra-op threads (default: every
     core), so that several demos can share a many-core box without their threads spinning on each
-    other. ``heldout_size`` overrides the example's 500 held-out problems.
+    other. ``heldout_size`` overrides the SFT example's ``eval.heldout_size`` (1000).
     """
     import torch
 

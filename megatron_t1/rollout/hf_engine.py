@@ -1,23 +1,27 @@
-"""The CPU rollout engine: transformers ``generate`` with the sampling log-probs recorded exactly.
+"""The CPU rollout engine: a transformers causal LM, our own decoding loop, exact sampling log-probs.
 
-transformers applies its temperature / top-k / top-p warpers *after* any user logits processor, so
-a user processor cannot see the distribution that is sampled. Here the warpers are switched off
-(``temperature=1, top_k=0, top_p=1, min_p=None`` in the generation config) and
-:class:`_TemperedSampler` is the last processor: it turns the raw logits ``z`` [B, V] into
-``filter(z / tau)`` itself (the order of transformers / HF: temperature, top-k, top-p, min-p) and
-keeps ``log_softmax`` of them. ``generate`` then samples from ``softmax`` of exactly these scores,
-and :class:`_Recorder`, a stopping criterion that runs right after each new token is appended,
-gathers that token's log-prob and decides EOS / stop-string termination per sequence. So the
-reported log-probs are those of the distribution the tokens were drawn from, with no ``[T, B, V]``
-score history kept (memory: one ``[B, V]`` float32 tensor).
+Why not ``model.generate``: it applies its warpers after any user logits processor (a processor
+cannot see the distribution that is sampled), and it keeps decoding every row of the batch until
+the longest one ends, appending to the whole KV cache each step. RL batches have a long tail
+(the demo: mean response ~150 tokens, longest ~300-384), so most of the late steps would be spent
+on rows that have finished. The loop here:
 
-Prompts of different lengths are left-padded into one batch; ``n`` samples per prompt come from
-``num_return_sequences`` (transformers repeats each prompt ``n`` times, adjacently).
+- prefills each prompt once (left-padded batch, ``logits_to_keep=1``) and repeats its cache ``n``
+  times (sample ``j`` of prompt ``i`` is row ``i * n + j``, as ``num_return_sequences`` would do);
+- samples from ``softmax(filter(z / tau))`` with :func:`filtered_scores` (temperature, then top-k,
+  top-p, min-p: the order of transformers / vLLM) and records ``log_softmax`` of the same scores,
+  so the log-probs are those of the distribution each token was drawn from;
+- ends a row at EOS or at the first occurrence of a stop string in its generated text (the token
+  that completes it is kept), and drops finished rows from the batch and the cache once they make
+  up an eighth of it, so the cost of a step follows the rows still running.
+
+Greedy (temperature 0) takes the argmax of the filtered, untempered logits.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from collections.abc import Iterable, Sequence
 
@@ -59,56 +63,6 @@ def filtered_scores(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     return scores
 
 
-class _TemperedSampler:
-    """Last logits processor: returns ``filter(z / tau)`` and keeps its log-softmax for the recorder."""
-
-    def __init__(self, params: SamplingParams) -> None:
-        self.params = params
-        self.logp: torch.Tensor | None = None  # [B, V] of the step being sampled
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.Tensor) -> torch.Tensor:
-        scores = filtered_scores(scores.float(), self.params)
-        self.logp = torch.log_softmax(scores, dim=-1)
-        return scores
-
-
-class _Recorder:
-    """Stopping criterion run after every step: records each new token's log-prob and ends a
-    sequence at EOS or at the first occurrence of a stop string in its generated text.
-
-    ``finished_at[b]``: number of generated tokens of sequence b when it finished (EOS or the
-    stop string's last token included), -1 while running.
-    """
-
-    def __init__(self, sampler: _TemperedSampler, prompt_len: int, eos_ids: set[int], stop, tokenizer):
-        self.sampler = sampler
-        self.prompt_len = prompt_len
-        self.eos = torch.tensor(sorted(eos_ids), dtype=torch.long)
-        self.stop = tuple(stop)
-        self.tokenizer = tokenizer
-        # A character is at most 4 byte-level tokens: this tail always holds a just-finished stop string.
-        self.window = 4 * max((len(s) for s in self.stop), default=0) + 4
-        self.logprobs: list[torch.Tensor] = []  # per step [B]
-        self.finished_at: torch.Tensor | None = None  # [B] int64
-
-    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
-        if self.finished_at is None:
-            self.finished_at = torch.full((input_ids.shape[0],), -1, dtype=torch.long)
-        last = input_ids[:, -1]
-        assert self.sampler.logp is not None
-        self.logprobs.append(self.sampler.logp.gather(1, last[:, None]).squeeze(1))
-        step = input_ids.shape[1] - self.prompt_len  # tokens generated so far
-        running = self.finished_at < 0
-        hit = torch.isin(last.cpu(), self.eos) & running
-        if self.stop:  # decode only the running sequences' tails (a Python loop; stop strings are rare)
-            start = max(self.prompt_len, input_ids.shape[1] - self.window)
-            for b in (running & ~hit).nonzero().flatten().tolist():
-                tail = self.tokenizer.decode(input_ids[b, start:].tolist())
-                hit[b] = any(s in tail for s in self.stop)
-        self.finished_at[hit] = step
-        return (self.finished_at >= 0).to(input_ids.device)
-
-
 class HFEngine:
     """A transformers causal LM as a :class:`~megatron_t1.rollout.engine.RolloutEngine` (CPU default).
 
@@ -130,6 +84,13 @@ class HFEngine:
             self.eos_ids.add(tokenizer.eos_token_id)
         pad = tokenizer.pad_token_id
         self.pad_id = pad if pad is not None else min(self.eos_ids)
+        self._eos = torch.tensor(sorted(self.eos_ids), dtype=torch.long)
+        # Keyword names of the KV cache and of "logits of the last position only" moved across
+        # transformers releases (past_key_values -> cache in 5.x; num_logits_to_keep -> logits_to_keep).
+        names = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in names else "past_key_values"
+        keep = [k for k in ("logits_to_keep", "num_logits_to_keep") if k in names]
+        self._last_only = {keep[0]: 1} if keep else {}
 
     @classmethod
     def from_pretrained(
@@ -155,55 +116,101 @@ class HFEngine:
             return self.tokenizer(prompt, add_special_tokens=False)["input_ids"]
         return [int(t) for t in prompt]
 
-    def _generation_config(self, params: SamplingParams, n: int):
-        from transformers import GenerationConfig
-
-        # Warpers off: _TemperedSampler does temperature and filtering (see the module docstring).
-        return GenerationConfig(
-            do_sample=params.temperature > 0,
-            temperature=1.0,
-            top_k=0,
-            top_p=1.0,
-            min_p=None,
-            max_new_tokens=params.max_tokens,
-            num_return_sequences=n,
-            eos_token_id=sorted(self.eos_ids),
-            pad_token_id=self.pad_id,
-            use_cache=True,
-        )
+    def _finished(
+        self, tokens: torch.Tensor, rows: torch.Tensor, tok: torch.Tensor, step: int, stop
+    ) -> torch.Tensor:
+        """[b] bool: the rows whose token ``tok`` of generation step ``step`` ends them (EOS, stop)."""
+        hit = torch.isin(tok, self._eos)
+        if stop:  # decode only the tails of running rows (a Python loop; stop strings are rare)
+            window = 4 * max(len(x) for x in stop) + 4  # a character is <= 4 byte-level tokens
+            lo = max(0, step + 1 - window)
+            for b in (~hit).nonzero().flatten().tolist():
+                tail = self.tokenizer.decode(tokens[rows[b], lo : step + 1].tolist())
+                hit[b] = any(x in tail for x in stop)
+        return hit
 
     @torch.no_grad()
     def _generate_batch(
         self, prompt_ids: list[list[int]], n: int, params: SamplingParams
     ) -> list[PromptCompletions]:
+        from transformers import DynamicCache
+
         width = max(len(p) for p in prompt_ids)
         ids = torch.full((len(prompt_ids), width), self.pad_id, dtype=torch.long)
         mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
         for i, p in enumerate(prompt_ids):  # left padding: every prompt ends at column width - 1
             ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
             mask[i, width - len(p) :] = 1
-        sampler = _TemperedSampler(params)
-        recorder = _Recorder(sampler, width, self.eos_ids, params.stop, self.tokenizer)
-        out = self.model.generate(
-            input_ids=ids.to(self.device),
-            attention_mask=mask.to(self.device),
-            generation_config=self._generation_config(params, n),
-            logits_processor=[sampler],
-            stopping_criteria=[recorder],
+        dev, max_new = self.device, params.max_tokens
+        ids, mask = ids.to(dev), mask.to(dev)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        try:
+            cache = DynamicCache(config=self.model.config)
+        except TypeError:  # transformers < 4.56
+            cache = DynamicCache()
+        out = self.model(
+            input_ids=ids,
+            attention_mask=mask,
+            position_ids=pos,
+            use_cache=True,
+            **{self._cache_kw: cache},
+            **self._last_only,
         )
-        seqs = out[:, width:].cpu()
-        if not recorder.logprobs:
+        logits = out.logits[:, -1].repeat_interleave(n, 0)
+        cache.batch_repeat_interleave(n)
+        attn = mask.repeat_interleave(n, 0)
+        next_pos = pos[:, -1].repeat_interleave(n, 0) + 1
+        B = len(prompt_ids) * n
+        tokens = torch.full((B, max_new), self.pad_id, dtype=torch.long)  # host copies of the outputs
+        logps = torch.zeros((B, max_new), dtype=torch.float32)
+        finished_at = torch.full((B,), -1, dtype=torch.long)  # tokens generated when the row ended
+        rows = torch.arange(B)  # original row of each batch row
+        alive = torch.ones(B, dtype=torch.bool)  # batch rows still generating (finished ones linger
+        steps = 0  # until compaction; their outputs are ignored)
+        for step in range(max_new):
+            scores = filtered_scores(logits.float(), params)
+            logp = torch.log_softmax(scores, dim=-1)
+            if params.temperature > 0:
+                tok = torch.multinomial(logp.exp(), 1).squeeze(1)
+            else:
+                tok = scores.argmax(-1)
+            tok_logp = logp.gather(1, tok[:, None]).squeeze(1)
+            tok_h, tok_logp, live = tok.cpu(), tok_logp.cpu(), alive.nonzero().flatten()
+            tokens[rows[live], step] = tok_h[live]
+            logps[rows[live], step] = tok_logp[live]
+            steps = step + 1
+            hit = torch.zeros_like(alive)
+            hit[live] = self._finished(tokens, rows[live], tok_h[live], step, params.stop)
+            finished_at[rows[hit]] = step + 1
+            alive &= ~hit
+            if step + 1 == max_new or not alive.any():
+                break
+            if (~alive).sum() * 8 >= alive.numel():  # drop the finished rows from batch and cache
+                keep = alive.nonzero().flatten()
+                cache.batch_select_indices(keep.to(dev))
+                rows, tok_h, alive = rows[keep], tok_h[keep], alive[keep]
+                attn, next_pos = attn[keep.to(dev)], next_pos[keep.to(dev)]
+            attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=1)
+            out = self.model(
+                input_ids=tok_h[:, None].to(dev),
+                attention_mask=attn,
+                position_ids=next_pos[:, None],
+                use_cache=True,
+                **{self._cache_kw: cache},
+            )
+            next_pos = next_pos + 1
+            logits = out.logits[:, -1]
+        if steps == 0:
             raise EngineError("generate produced no tokens")
-        logps = torch.stack(recorder.logprobs, dim=1).cpu()  # [B, steps]
-        finished = recorder.finished_at.tolist()
+        finished = finished_at.tolist()
         results = []
         for i, p in enumerate(prompt_ids):
             comps = []
             for j in range(n):
                 b = i * n + j
                 stop_at = finished[b] if finished[b] >= 0 else None
-                length = stop_at if stop_at is not None else min(seqs.shape[1], params.max_tokens)
-                toks = seqs[b, :length].tolist()
+                length = stop_at if stop_at is not None else steps
+                toks = tokens[b, :length].tolist()
                 comps.append(
                     Completion(
                         token_ids=toks,
