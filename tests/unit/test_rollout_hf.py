@@ -162,6 +162,33 @@ def test_finish_reasons_length_eos_and_stop_string(tokenizer):
     assert c.token_ids == base.token_ids[:k] and c.finish_reason == "stop"
 
 
+def test_rows_ending_at_different_steps_match_solo_generation(tokenizer):
+    """Finished rows are dropped from the batch and its KV cache mid-generation: every row must still
+    equal the same prompt decoded alone, with the log-probs of a plain full forward."""
+    model = tiny_model(2)
+    prompts = [[7, 8, 9], list(range(30, 52)), [5, 9, 11, 13, 200], list(range(100, 112))]
+    greedy = SamplingParams(temperature=0.0, max_tokens=24)
+    base = [
+        c.token_ids for r in HFEngine(model, tokenizer).generate(prompts, 1, greedy) for c in r.completions
+    ]
+    # The EOS: the token that ends the most rows at *different* steps (some rows may never hit it).
+    firsts = {t: {row.index(t) for row in base if t in row} for row in base for t in row}
+    eos = max(firsts, key=lambda t: (len(firsts[t]), -min(firsts[t])))
+    assert len(firsts[eos]) >= 2, "the random model gives no token that ends rows at different steps"
+    model.generation_config.eos_token_id = eos
+    eng = HFEngine(model, tokenizer)
+    batch = eng.generate(prompts, 3, greedy)  # 12 rows: prefill once per prompt, cache repeated 3x
+    for p, row, r in zip(prompts, base, batch):
+        want = row[: row.index(eos) + 1] if eos in row else row
+        for c in r.completions:
+            assert c.token_ids == want
+            assert c.finish_reason == ("stop" if eos in row else "length")
+            ref = forward_logprobs(model, p, c.token_ids, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
+            assert (ref - torch.tensor(c.logprobs, dtype=torch.float64)).abs().max() < 2e-5
+        solo = eng.generate([p], 1, greedy)[0].completions[0]
+        assert solo.token_ids == want
+
+
 def test_seeds_reproduce_and_leave_global_rng_alone(engine):
     p = SamplingParams(temperature=1.2, max_tokens=10, seed=3)
     a = engine.generate([[1, 2, 3]], 3, p)[0].completions
