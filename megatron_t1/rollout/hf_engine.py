@@ -165,8 +165,9 @@ class HFEngine:
         logps = torch.zeros((B, max_new), dtype=torch.float32)
         finished_at = torch.full((B,), -1, dtype=torch.long)  # tokens generated when the row ended
         rows = torch.arange(B)  # original row of each batch row
-        alive = torch.ones(B, dtype=torch.bool)  # batch rows still generating (finished ones linger
-        steps = 0  # until compaction; their outputs are ignored)
+        # Batch rows still generating; finished rows linger until the next compaction, ignored.
+        alive = torch.ones(B, dtype=torch.bool)
+        steps = 0
         for step in range(max_new):
             scores = filtered_scores(logits.float(), params)
             logp = torch.log_softmax(scores, dim=-1)
