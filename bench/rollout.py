@@ -83,7 +83,9 @@ class _GenerateBaseline:
             comps = []
             for row in out[i * n : (i + 1) * n, width:].tolist():
                 toks = row[: row.index(self.tok.eos_token_id) + 1] if self.tok.eos_token_id in row else row
-                comps.append(Completion(token_ids=toks, text="", logprobs=[0.0] * len(toks), finish_reason="stop"))
+                comps.append(
+                    Completion(token_ids=toks, text="", logprobs=[0.0] * len(toks), finish_reason="stop")
+                )
             res.append(PromptCompletions(prompt_token_ids=list(p), completions=comps))
         return res
 

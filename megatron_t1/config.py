@@ -327,7 +327,7 @@ class RolloutConfig:
     """Sampling of K responses per prompt (T1: K=64, temperature ~1.2, full tempered distribution)."""
 
     engine: Literal["hf", "vllm"] = "hf"
-    """Rollout engine: transformers generate (CPU default) or vLLM."""
+    """Rollout engine: a transformers model with our decoding loop (CPU default) or vLLM."""
     prompts_per_step: int = 32
     """Prompts per RL step (T1: 32)."""
     n_samples: int = 64
