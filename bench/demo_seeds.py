@@ -42,6 +42,7 @@ class Job:
     started: float = 0.0
     status: str = "waiting"
     log: Path = field(default=Path())
+    log_file: object = None  # the open log of the running process
 
 
 def _parse_recipe(text: str) -> tuple[str, list[str], list[str]]:
@@ -133,6 +134,7 @@ def main() -> int:
     while any(j.status in ("waiting", "running") for j in jobs):
         for j in jobs:
             if j.status == "running" and j.proc.poll() is not None:
+                j.log_file.close()
                 j.status = "ok" if j.proc.returncode == 0 else f"failed ({j.proc.returncode})"
                 if j.status == "ok":
                     s = json.loads((j.out / "summary.json").read_text())
@@ -146,6 +148,8 @@ def main() -> int:
             for j in jobs:
                 if j.status == "running":
                     j.proc.kill()
+                    j.proc.wait()
+                    j.log_file.close()
                     j.status = "killed"
                 elif j.status == "waiting":
                     j.status = "not started"
@@ -165,9 +169,10 @@ def main() -> int:
                 _copy_sft(Path(args.sft_from.format(seed=j.seed)), j.out)
             elif owner is not None:
                 _copy_sft(owner.out, j.out)
+            j.log_file = open(j.log, "w")  # noqa: SIM115 (closed when the run ends)
             j.proc = subprocess.Popen(
                 _command(j, args, reuse=owner is not None or bool(args.sft_from)),
-                stdout=open(j.log, "w"),
+                stdout=j.log_file,
                 stderr=subprocess.STDOUT,
                 env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)),
             )
