@@ -39,7 +39,6 @@ class Job:
     out: Path
     sft_owner: Job | None = None  # the job that trains this job's SFT (None: this one)
     proc: subprocess.Popen | None = None
-    started: float = 0.0
     status: str = "waiting"
     log: Path = field(default=Path())
     log_file: object = None  # the open log of the running process
@@ -176,7 +175,7 @@ def main() -> int:
                 stderr=subprocess.STDOUT,
                 env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)),
             )
-            j.status, j.started = "running", time.time()
+            j.status = "running"
             running += 1
         time.sleep(2)
     for j in jobs:

@@ -67,11 +67,11 @@ class _GenerateBaseline:
         import torch
 
         from megatron_t1.rollout.engine import Completion, PromptCompletions
+        from megatron_t1.rollout.hf_engine import left_pad
 
-        width = max(len(p) for p in prompts)
         pad = self.tok.pad_token_id if self.tok.pad_token_id is not None else self.tok.eos_token_id
-        ids = torch.tensor([[pad] * (width - len(p)) + list(p) for p in prompts])
-        mask = (torch.arange(width)[None] >= torch.tensor([width - len(p) for p in prompts])[:, None]).long()
+        ids, mask = left_pad(prompts, pad)
+        width = ids.shape[1]
         torch.manual_seed(params.seed or 0)
         with torch.no_grad():
             out = self.model.generate(

@@ -164,7 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--heldout",
         type=int,
         default=None,
-        help="held-out problems to evaluate (default 500; 100 with --quick)",
+        help="held-out problems to evaluate (default: eval.heldout_size of examples/tiny_cpu/sft.yaml, "
+        "1000; 100 with --quick)",
     )
     p.add_argument(
         "--tp2-steps",

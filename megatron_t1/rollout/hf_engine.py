@@ -63,6 +63,18 @@ def filtered_scores(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     return scores
 
 
+def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids [P, W] and attention mask [P, W] (int64) of prompts left-padded to the longest W, so
+    that every prompt ends at column W - 1."""
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.full((len(prompt_ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):
+        ids[i, width - len(p) :] = torch.tensor(list(p), dtype=torch.long)
+        mask[i, width - len(p) :] = 1
+    return ids, mask
+
+
 class HFEngine:
     """A transformers causal LM as a :class:`~megatron_t1.rollout.engine.RolloutEngine` (CPU default).
 
@@ -135,12 +147,7 @@ class HFEngine:
     ) -> list[PromptCompletions]:
         from transformers import DynamicCache
 
-        width = max(len(p) for p in prompt_ids)
-        ids = torch.full((len(prompt_ids), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(prompt_ids), width), dtype=torch.long)
-        for i, p in enumerate(prompt_ids):  # left padding: every prompt ends at column width - 1
-            ids[i, width - len(p) :] = torch.tensor(p, dtype=torch.long)
-            mask[i, width - len(p) :] = 1
+        ids, mask = left_pad(prompt_ids, self.pad_id)
         dev, max_new = self.device, params.max_tokens
         ids, mask = ids.to(dev), mask.to(dev)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -188,9 +195,10 @@ class HFEngine:
                 break
             if (~alive).sum() * 8 >= alive.numel():  # drop the finished rows from batch and cache
                 keep = alive.nonzero().flatten()
-                cache.batch_select_indices(keep.to(dev))
                 rows, tok_h, alive = rows[keep], tok_h[keep], alive[keep]
-                attn, next_pos = attn[keep.to(dev)], next_pos[keep.to(dev)]
+                keep = keep.to(dev)
+                cache.batch_select_indices(keep)
+                attn, next_pos = attn[keep], next_pos[keep]
             attn = torch.cat([attn, attn.new_ones((attn.shape[0], 1))], dim=1)
             out = self.model(
                 input_ids=tok_h[:, None].to(dev),
