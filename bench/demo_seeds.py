@@ -10,7 +10,8 @@ trains it, the others copy its data, checkpoint and export and pass ``--reuse-sf
     python bench/demo_seeds.py --device cuda --tp2-steps 0 --seeds 1,2,3,4,5,6 --jobs 6 ...
 
 A recipe is ``NAME=RL_OVERRIDES`` or ``NAME=RL_OVERRIDES|SFT_OVERRIDES`` (space-separated
-``key=value`` items of examples/tiny_cpu/{rl,sft}.yaml). Each finished run appends its summary to
+``key=value`` items of examples/tiny_cpu/{rl,sft}.yaml; an SFT item ``task.KEY=VALUE`` is passed as
+``demo --task-set KEY=VALUE``, e.g. ``task.error_rate=0.4``). Each finished run appends its summary to
 ``REPORT/results.jsonl``; at the end (or at ``--time-limit``, which stops the runs still going) a
 table per recipe: mean and minimum of RL - SFT, and on how many seeds it is >= 3 paired standard
 errors. Logs of every run are in ``REPORT/logs``.
@@ -59,8 +60,8 @@ def _command(job: Job, args, reuse: bool) -> list[str]:
         cmd += ["--heldout", str(args.heldout)]
     for o in job.rl:
         cmd += ["--rl-set", o]
-    for o in job.sft:
-        cmd += ["--sft-set", o]
+    for o in job.sft:  # "task.KEY=VALUE" items set the task's SFT traces (demo --task-set)
+        cmd += ["--task-set", o[len("task.") :]] if o.startswith("task.") else ["--sft-set", o]
     return cmd + (["--reuse-sft"] if reuse else []) + (["--quick"] if args.quick else [])
 
 

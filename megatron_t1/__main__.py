@@ -61,6 +61,7 @@ def _cmd_demo(args) -> int:
         reuse_sft=args.reuse_sft,
         rl_overrides=args.rl_set,
         sft_overrides=args.sft_set,
+        task_overrides=args.task_set,
         heldout_size=args.heldout,
         device=args.device,
         threads=args.threads,
@@ -159,6 +160,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="KEY=VALUE",
         help="override a field of examples/tiny_cpu/sft.yaml for the SFT stage (repeatable)",
+    )
+    p.add_argument(
+        "--task-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an option of the task's SFT traces: error_rate (share of wrong, then corrected, attempts; "
+        "default 0.25), truncated_fraction, restate (repeatable)",
     )
     p.add_argument(
         "--heldout",

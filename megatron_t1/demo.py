@@ -30,6 +30,11 @@ SFT_EXAMPLE = ROOT / "examples" / "tiny_cpu" / "sft.yaml"
 RL_EXAMPLE = ROOT / "examples" / "tiny_cpu" / "rl.yaml"
 N_RL_PROMPTS = 4000
 BUDGETS = (16, 32, 64, 128, 256)
+# The inference-scaling sweep runs on the first SCALING_PROBLEMS held-out problems (its curve needs
+# no more); the greedy accuracy of SFT and RL covers all of them.
+SCALING_PROBLEMS = 1000
+# Options of the SFT traces (megatron_t1.data.synthetic.make_sft_examples) that `demo --task-set` sets.
+TRACE_OPTIONS = {"error_rate": float, "truncated_fraction": float, "restate": bool}
 
 
 def build_task(
@@ -40,8 +45,12 @@ def build_task(
     n_heldout: int,
     vocab_size: int,
     difficulty: dict | None = None,
+    trace: dict | None = None,
 ) -> dict:
-    """Write sft_train.jsonl, rl_prompts.jsonl, heldout.jsonl and tokenizer/ into ``data_dir``."""
+    """Write sft_train.jsonl, rl_prompts.jsonl, heldout.jsonl and tokenizer/ into ``data_dir``.
+
+    ``trace`` holds options of the SFT traces (:data:`TRACE_OPTIONS`, e.g. ``error_rate``).
+    """
     from megatron_t1.data.io import write_jsonl_atomic
     from megatron_t1.data.synthetic import make_problems, make_sft_examples
     from megatron_t1.data.tokenizer import chat_corpus, train_tokenizer
@@ -54,7 +63,10 @@ def build_task(
         "tokenizer": data_dir / "tokenizer",
     }
     difficulty = difficulty or {}
-    examples = make_sft_examples(n_train, seed, **difficulty)
+    unknown = sorted(set(trace or {}) - set(TRACE_OPTIONS))
+    if unknown:
+        raise ValueError(f"unknown trace option(s) {unknown}: expected some of {list(TRACE_OPTIONS)}")
+    examples = make_sft_examples(n_train, seed, **difficulty, **(trace or {}))
     heldout = make_problems(n_heldout, seed, "heldout", **difficulty)
     rl = make_problems(
         N_RL_PROMPTS, seed + 1, "train", **difficulty
@@ -71,6 +83,26 @@ def build_task(
         train_tokenizer(chat_corpus(examples), vocab_size, tmp)
         os.replace(tmp, paths["tokenizer"])
     return paths
+
+
+def parse_trace_options(items: list[str] | None) -> dict:
+    """``["error_rate=0.5", "restate=false"]`` -> ``{"error_rate": 0.5, "restate": False}``."""
+    out: dict = {}
+    for item in items or []:
+        key, eq, value = item.partition("=")
+        if not eq or key not in TRACE_OPTIONS:
+            raise ValueError(f"--task-set {item!r}: expected KEY=VALUE with KEY one of {list(TRACE_OPTIONS)}")
+        kind = TRACE_OPTIONS[key]
+        if kind is bool:
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"--task-set {item!r}: {key} takes true or false")
+            out[key] = value.lower() in ("true", "1")
+        else:
+            try:
+                out[key] = kind(value)
+            except ValueError:
+                raise ValueError(f"--task-set {item!r}: {key} takes a {kind.__name__}") from None
+    return out
 
 
 def paired_difference(sft: dict[str, float], rl: dict[str, float]) -> tuple[float, float]:
@@ -127,6 +159,7 @@ def run_demo(
     reuse_sft: bool = False,
     rl_overrides: list[str] | None = None,
     sft_overrides: list[str] | None = None,
+    task_overrides: list[str] | None = None,
     heldout_size: int | None = None,
     device: str = "cpu",
     threads: int | None = None,
@@ -137,7 +170,8 @@ def run_demo(
     ``device="cuda"`` runs SFT, RL and evaluation on the GPU (seed sweeps in minutes; the TP=2 phase
     needs ``tp2_steps=0`` or two GPUs). ``threads`` caps torch's intra-op threads (default: every
     core), so that several demos can share a many-core box without their threads spinning on each
-    other. ``heldout_size`` overrides the SFT example's ``eval.heldout_size`` (1000).
+    other. ``task_overrides`` (``KEY=VALUE``, :data:`TRACE_OPTIONS`) change the SFT traces of the
+    task, e.g. ``error_rate=0.4``. ``heldout_size`` overrides the SFT example's ``eval.heldout_size`` (1000).
     """
     import torch
 
@@ -150,6 +184,7 @@ def run_demo(
     from megatron_t1.train.sft import run_sft
 
     t0 = time.perf_counter()
+    trace = parse_trace_options(task_overrides)
     torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
     if device != "cpu" and tp2_steps > 0 and torch.cuda.device_count() < 2:
         raise ValueError(
@@ -165,6 +200,7 @@ def run_demo(
         n_train=sft_base.data.global_batch_size * 50 if quick else 12000,
         n_heldout=heldout_size,
         vocab_size=sft_base.model.vocab_size,
+        trace=trace,
     )
     log(f"[demo] task: {paths['train']}, {paths['rl']}, {heldout_size} held-out problems")
     common = [
@@ -244,6 +280,7 @@ def run_demo(
         seed=seed,
         budgets=[b for b in BUDGETS if b <= max_new],
         summary_max_tokens=32,
+        scaling_limit=SCALING_PROBLEMS,
         reward_config=RewardConfig(num_workers=1),
         device=device,
         log=log,

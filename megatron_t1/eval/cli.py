@@ -111,6 +111,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="HF_DIR",
         help="a separate summariser model (default: each checkpoint summarises itself)",
     )
+    g.add_argument(
+        "--scaling-limit",
+        type=int,
+        default=None,
+        metavar="N",
+        help="run the sweep on the first N problems of each benchmark only (default: all)",
+    )
     g = parser.add_argument_group("scoring and output")
     g.add_argument("--out", default="runs/eval", help="run folder (default runs/eval)")
     g.add_argument("--num-workers", type=int, default=2, help="reward worker processes (default 2)")
@@ -298,6 +305,7 @@ def run_eval(
     budgets: Sequence[int] | None = None,
     summary_max_tokens: int = 512,
     summariser_dir: str | None = None,
+    scaling_limit: int | None = None,
     engine: str = "hf",
     dtype: str = "float32",
     device: str = "cpu",
@@ -312,6 +320,8 @@ def run_eval(
 
     Returns the content of ``results.json`` (``benchmarks``: one dict per (checkpoint, benchmark)
     as :meth:`~megatron_t1.eval.benchmark.BenchmarkResult.to_dict`; ``scaling``: the table rows).
+    ``scaling_limit`` runs the budget sweep on the first N problems of each benchmark only (the
+    plain evaluation still covers all of them).
     """
     import dataclasses
 
@@ -323,6 +333,8 @@ def run_eval(
     t0 = time.perf_counter()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    if scaling_limit is not None and scaling_limit < 1:
+        raise ValueError(f"scaling_limit={scaling_limit}: must be >= 1 (or None for every problem)")
     if budgets and max(budgets) > max_new_tokens:
         raise ValueError(
             f"budget {max(budgets)} > max_new_tokens={max_new_tokens}: the sweep truncates "
@@ -388,9 +400,10 @@ def run_eval(
                         )
                         if budgets:
                             summ = summariser or Summariser(eng, tok, True, system)
+                            k = len(problems) if scaling_limit is None else scaling_limit
                             rows, srecs = budget_sweep(
-                                problems,
-                                comps,
+                                problems[:k],
+                                comps[:k],
                                 tok,
                                 budgets,
                                 scorer,
@@ -434,6 +447,7 @@ def run_eval(
             "budgets": list(budgets or []),
             "summary_max_tokens": summary_max_tokens,
             "summariser": summariser_dir,
+            "scaling_limit": scaling_limit,
             "engine": engine,
             "dtype": dtype,
             "system": system,
@@ -500,6 +514,7 @@ def run(args: argparse.Namespace) -> int:
             budgets=args.budgets,
             summary_max_tokens=args.summary_max_tokens,
             summariser_dir=args.summariser,
+            scaling_limit=args.scaling_limit,
             engine=args.engine,
             dtype=args.dtype,
             device=args.device,

@@ -223,6 +223,27 @@ def test_run_folder_is_consistent(tok, hf_dirs, tmp_path, monkeypatch, capsys):
     assert "mean_thinking_tokens" in printed and "pass@1 = 0.5000" in printed
 
 
+def test_scaling_limit_sweeps_the_first_problems_only(tok, hf_dirs, tmp_path, monkeypatch):
+    monkeypatch.setattr(cli, "_load_engine", lambda hf_dir, **kw: ScriptedEngine(tok, _golds(), 0))
+    out = tmp_path / "run"
+    args = ["--checkpoint", f"sft={hf_dirs[0]}", "--benchmarks", "math500", "--data-dir", str(FIX)]
+    args += ["--n", "2", "--max-new-tokens", "64", "--budgets", "8,64", "--summary-max-tokens", "12"]
+    assert cli.main(args + ["--scaling-limit", "3", "--num-workers", "0", "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["benchmarks"][0]["overall"]["num_problems"] == 4  # the plain evaluation: all
+    assert results["settings"]["scaling_limit"] == 3
+    evaluated = [r["problem_id"] for r in _jsonl(out / "responses.jsonl")]
+    swept = {r["problem_id"] for r in _jsonl(out / "scaling_responses.jsonl")}
+    assert len(set(evaluated)) == 4 and swept == set(list(dict.fromkeys(evaluated))[:3])
+    # at the full budget the sweep equals the plain evaluation of those 3 problems (1/2, 2/2, 2/2)
+    full = next(r for r in results["scaling"] if r["budget"] == 64)
+    assert full["num_problems"] == 3 and full["accuracy"] == pytest.approx((0.5 + 1 + 1) / 3)
+    with pytest.raises(ValueError, match="scaling_limit=0"):
+        cli.run_eval(
+            [f"sft={hf_dirs[0]}"], {}, tmp_path / "x", n=1, temperature=0.0, max_new_tokens=8, scaling_limit=0
+        )
+
+
 def test_real_hf_engine_smoke(hf_dirs, tmp_path):
     out = tmp_path / "run"
     rc = cli.main(
