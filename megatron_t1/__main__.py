@@ -174,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         default=None,
         help="held-out problems to evaluate (default: eval.heldout_size of examples/tiny_cpu/sft.yaml, "
-        "1000; 100 with --quick)",
+        "8000; 100 with --quick); the scaling sweep uses the first 1000",
     )
     p.add_argument(
         "--tp2-steps",

@@ -9,7 +9,8 @@
    process; the last ``tp2_steps`` resume the same run under ``torchrun`` with TP=2 over two gloo
    processes (the checkpoint is resharded on load), which then exports the final policy.
 4. Evaluate SFT and RL policies on the held-out problems (greedy, scored by T1's reward) and run
-   the inference-scaling sweep (thinking cut at each budget, the policy summarises): table + PNG.
+   the inference-scaling sweep on the first 1000 of them (thinking cut at each budget, the policy
+   summarises): table + PNG.
 5. Write ``summary.json``: ``sft_accuracy``, ``rl_accuracy``, their standard errors, the paired
    standard error of the difference, ``heldout_size``, per-stage and total ``wall_seconds``.
 """
@@ -171,7 +172,7 @@ def run_demo(
     needs ``tp2_steps=0`` or two GPUs). ``threads`` caps torch's intra-op threads (default: every
     core), so that several demos can share a many-core box without their threads spinning on each
     other. ``task_overrides`` (``KEY=VALUE``, :data:`TRACE_OPTIONS`) change the SFT traces of the
-    task, e.g. ``error_rate=0.4``. ``heldout_size`` overrides the SFT example's ``eval.heldout_size`` (1000).
+    task, e.g. ``error_rate=0.4``. ``heldout_size`` overrides the SFT example's ``eval.heldout_size`` (8000).
     """
     import torch
 
@@ -301,6 +302,7 @@ def run_demo(
         "rl_steps": steps,
         "rl_tp2_steps": tp2,
         "rl_last_rollout_accuracy": rl.get("accuracy"),
+        "scaling_problems": min(SCALING_PROBLEMS, acc["rl"]["num_problems"]),
         "scaling": ev["scaling"],
         "scaling_png": str(out / "eval" / "scaling.png"),
         "sft_final_loss": sft["final_loss"],

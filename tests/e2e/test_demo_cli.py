@@ -37,4 +37,5 @@ def test_quick_demo_end_to_end(tmp_path):
     budgets = sorted({row["budget"] for row in s["scaling"]})
     assert budgets and {row["checkpoint"] for row in s["scaling"]} == {"sft", "rl"}
     assert all(math.isfinite(row["accuracy"]) for row in s["scaling"])
+    assert s["scaling_problems"] == 100 and all(row["num_problems"] == 100 for row in s["scaling"])
     assert "held-out accuracy" in r.stdout
