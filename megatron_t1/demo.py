@@ -87,22 +87,29 @@ def build_task(
 
 
 def parse_trace_options(items: list[str] | None) -> dict:
-    """``["error_rate=0.5", "restate=false"]`` -> ``{"error_rate": 0.5, "restate": False}``."""
+    """``["error_rate=0.5", "restate=false"]`` -> ``{"error_rate": 0.5, "restate": False}``.
+
+    Raises :class:`~megatron_t1.config.ConfigError` (a ValueError; one line on the command line).
+    """
+    from megatron_t1.config import ConfigError
+
     out: dict = {}
     for item in items or []:
         key, eq, value = item.partition("=")
         if not eq or key not in TRACE_OPTIONS:
-            raise ValueError(f"--task-set {item!r}: expected KEY=VALUE with KEY one of {list(TRACE_OPTIONS)}")
+            raise ConfigError(
+                f"--task-set {item!r}: expected KEY=VALUE with KEY one of {list(TRACE_OPTIONS)}"
+            )
         kind = TRACE_OPTIONS[key]
         if kind is bool:
             if value.lower() not in ("true", "false", "1", "0"):
-                raise ValueError(f"--task-set {item!r}: {key} takes true or false")
+                raise ConfigError(f"--task-set {item!r}: {key} takes true or false")
             out[key] = value.lower() in ("true", "1")
         else:
             try:
                 out[key] = kind(value)
             except ValueError:
-                raise ValueError(f"--task-set {item!r}: {key} takes a {kind.__name__}") from None
+                raise ConfigError(f"--task-set {item!r}: {key} takes a {kind.__name__}") from None
     return out
 
 

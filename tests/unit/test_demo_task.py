@@ -52,6 +52,16 @@ def test_parse_trace_options():
             parse_trace_options([bad])
 
 
+def test_bad_task_option_is_one_line_and_writes_nothing(tmp_path, capsys):
+    from megatron_t1.__main__ import main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--task-set", "max_attempts=2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --task-set 'max_attempts=2'") and err.count("\n") == 1
+    assert not out.exists()
+
+
 def test_paired_difference_matches_float64_reference():
     sft = {f"p{i}": float(i % 3 == 0) for i in range(50)}
     rl = {f"p{i}": float(i % 2 == 0) for i in range(50)}
