@@ -400,10 +400,9 @@ def run_eval(
                         )
                         if budgets:
                             summ = summariser or Summariser(eng, tok, True, system)
-                            k = len(problems) if scaling_limit is None else scaling_limit
                             rows, srecs = budget_sweep(
-                                problems[:k],
-                                comps[:k],
+                                problems[:scaling_limit],  # [:None]: every problem
+                                comps[:scaling_limit],
                                 tok,
                                 budgets,
                                 scorer,
