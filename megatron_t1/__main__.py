@@ -66,6 +66,7 @@ def _cmd_demo(args) -> int:
         device=args.device,
         threads=args.threads,
         tp2_steps=args.tp2_steps,
+        select=args.select,
     )
     _print_summary("demo", {k: v for k, v in summary.items() if k != "scaling"})
     return 0
@@ -175,6 +176,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="held-out problems to evaluate (default: eval.heldout_size of examples/tiny_cpu/sft.yaml, "
         "8000; 100 with --quick); the scaling sweep uses the first 1000",
+    )
+    p.add_argument(
+        "--select",
+        choices=("best", "final"),
+        default="best",
+        help="the RL policy evaluated: best = the checkpoint (every 5 steps) with the best greedy accuracy "
+        "on 2000 validation problems disjoint from the held-out ones (default); final = the last step",
     )
     p.add_argument(
         "--tp2-steps",

@@ -268,6 +268,11 @@ class CheckpointConfig:
     """Include optimizer and scheduler state (needed for exact resume)."""
     resume: bool = True
     """Resume from ``runs/NAME/checkpoints/latest`` when present."""
+    keep_best: bool = False
+    """RL: keep the checkpoint with the best held-out accuracy (model selection on ``eval.heldout_path``,
+    which should then be a validation set, disjoint from the test problems). Every held-out evaluation
+    (``eval.eval_every``) saves a checkpoint; ``checkpoints/best`` names the best (ties: the later
+    step), ``keep_last`` never deletes it, and the run exports it as ``hf_best/`` beside ``hf/``."""
 
     def __post_init__(self) -> None:
         if self.save_interval < 0 or self.keep_last < 1:
@@ -402,6 +407,8 @@ class EvalConfig:
     """Generation budget for evaluation."""
     eval_every: int = 0
     """RL steps between held-out evaluations (0: only at the end)."""
+    eval_at_start: bool = True
+    """With ``eval_every``: also evaluate the initial policy (the curve's step 0) before step 1."""
 
 
 @dataclass

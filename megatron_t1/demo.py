@@ -8,11 +8,15 @@
    rule rewards, RLOO with the KL to an EMA anchor, entropy bonus. Most steps run at TP=1 in this
    process; the last ``tp2_steps`` resume the same run under ``torchrun`` with TP=2 over two gloo
    processes (the checkpoint is resharded on load), which then exports the final policy.
+   Model selection (``select="best"``): every 5 steps the run evaluates its policy greedily on 2000
+   validation problems (disjoint from the held-out test problems) and keeps that checkpoint; the best
+   one is the RL policy evaluated below (``select="final"``: the last step's).
 4. Evaluate SFT and RL policies on the held-out problems (greedy, scored by T1's reward) and run
    the inference-scaling sweep on the first 1000 of them (thinking cut at each budget, the policy
    summarises): table + PNG.
 5. Write ``summary.json``: ``sft_accuracy``, ``rl_accuracy``, their standard errors, the paired
-   standard error of the difference, ``heldout_size``, per-stage and total ``wall_seconds``.
+   standard error of the difference, ``heldout_size``, the validation curve and the selected step,
+   per-stage and total ``wall_seconds``.
 """
 
 from __future__ import annotations
@@ -34,6 +38,10 @@ BUDGETS = (16, 32, 64, 128, 256)
 # The inference-scaling sweep runs on the first SCALING_PROBLEMS held-out problems (its curve needs
 # no more); the greedy accuracy of SFT and RL covers all of them.
 SCALING_PROBLEMS = 1000
+# Model selection of the RL policy (select="best"): greedy accuracy on VALIDATION_PROBLEMS problems of
+# the held-out split that follow the test problems (so disjoint from them), every SELECT_EVERY steps.
+VALIDATION_PROBLEMS = 2000
+SELECT_EVERY = 5
 # Options of the SFT traces (megatron_t1.data.synthetic.make_sft_examples) that `demo --task-set` sets.
 TRACE_OPTIONS = {"error_rate": float, "truncated_fraction": float, "restate": bool}
 
@@ -45,11 +53,14 @@ def build_task(
     n_train: int,
     n_heldout: int,
     vocab_size: int,
+    n_validation: int = 0,
     difficulty: dict | None = None,
     trace: dict | None = None,
 ) -> dict:
-    """Write sft_train.jsonl, rl_prompts.jsonl, heldout.jsonl and tokenizer/ into ``data_dir``.
+    """Write sft_train.jsonl, rl_prompts.jsonl, heldout.jsonl, validation.jsonl and tokenizer/.
 
+    The held-out (test) and validation problems are one draw of the held-out split, cut in two: the
+    test problems do not depend on ``n_validation``, and no question is in both.
     ``trace`` holds options of the SFT traces (:data:`TRACE_OPTIONS`, e.g. ``error_rate``).
     """
     from megatron_t1.data.io import write_jsonl_atomic
@@ -61,6 +72,7 @@ def build_task(
         "train": data_dir / "sft_train.jsonl",
         "rl": data_dir / "rl_prompts.jsonl",
         "heldout": data_dir / "heldout.jsonl",
+        "validation": data_dir / "validation.jsonl",
         "tokenizer": data_dir / "tokenizer",
     }
     difficulty = difficulty or {}
@@ -68,7 +80,8 @@ def build_task(
     if unknown:
         raise ValueError(f"unknown trace option(s) {unknown}: expected some of {list(TRACE_OPTIONS)}")
     examples = make_sft_examples(n_train, seed, **difficulty, **(trace or {}))
-    heldout = make_problems(n_heldout, seed, "heldout", **difficulty)
+    heldout = make_problems(n_heldout + n_validation, seed, "heldout", **difficulty)
+    heldout, validation = heldout[:n_heldout], heldout[n_heldout:]
     rl = make_problems(
         N_RL_PROMPTS, seed + 1, "train", **difficulty
     )  # another draw than the SFT traces' problems
@@ -77,6 +90,10 @@ def build_task(
     write_jsonl_atomic(
         paths["heldout"],
         [{"id": f"h{i}", "question": p.question, "answer": p.answer} for i, p in enumerate(heldout)],
+    )
+    write_jsonl_atomic(
+        paths["validation"],
+        [{"id": f"v{i}", "question": p.question, "answer": p.answer} for i, p in enumerate(validation)],
     )
     if not (paths["tokenizer"] / "tokenizer.json").exists():
         tmp = data_dir / "tokenizer.tmp"
@@ -133,6 +150,16 @@ def _per_problem(responses: Path, label: str) -> dict[str, float]:
     return {k: sum(v) / len(v) for k, v in scores.items()}
 
 
+def _validation_curve(metrics: Path) -> dict[int, float]:
+    """Step -> held-out (here: validation) accuracy the RL run logged (its last record per step)."""
+    curve: dict[int, float] = {}
+    for line in metrics.read_text().splitlines():
+        r = json.loads(line)
+        if "heldout_accuracy" in r and r["step"] > 0:
+            curve[int(r["step"])] = float(r["heldout_accuracy"])
+    return curve
+
+
 def _rl_tp2(out: Path, steps: int, log, threads: int | None = None) -> None:
     """Resume the RL run for its last steps with TP=2 over two local processes (torchrun)."""
     cmd = [
@@ -171,6 +198,7 @@ def run_demo(
     heldout_size: int | None = None,
     device: str = "cpu",
     threads: int | None = None,
+    select: str = "best",
     log=print,
 ) -> dict:
     """Run the demo end to end; returns (and writes) the summary.
@@ -180,6 +208,9 @@ def run_demo(
     core), so that several demos can share a many-core box without their threads spinning on each
     other. ``task_overrides`` (``KEY=VALUE``, :data:`TRACE_OPTIONS`) change the SFT traces of the
     task, e.g. ``error_rate=0.4``. ``heldout_size`` overrides the SFT example's ``eval.heldout_size`` (8000).
+    ``select``: ``"best"`` evaluates the RL checkpoint with the best validation accuracy (every
+    :data:`SELECT_EVERY` steps, on :data:`VALIDATION_PROBLEMS` problems disjoint from the held-out
+    ones), ``"final"`` the last step's policy.
     """
     import torch
 
@@ -188,10 +219,12 @@ def run_demo(
     from megatron_t1.eval.loaders import load_problems
     from megatron_t1.mcore.parallel import destroy_parallel
     from megatron_t1.reward import RewardConfig
-    from megatron_t1.train.rl import export_hf, run_rl
+    from megatron_t1.train.rl import best_step, export_hf, run_rl
     from megatron_t1.train.sft import run_sft
 
     t0 = time.perf_counter()
+    if select not in ("best", "final"):
+        raise ValueError(f"select={select!r}: expected 'best' or 'final'")
     trace = parse_trace_options(task_overrides)
     torch.set_num_threads(threads or max(1, os.cpu_count() or 1))
     if device != "cpu" and tp2_steps > 0 and torch.cuda.device_count() < 2:
@@ -202,11 +235,13 @@ def run_demo(
     out = Path(out_dir)
     sft_base, rl_base = load_config(SFT_EXAMPLE), load_config(RL_EXAMPLE)
     heldout_size = heldout_size or (100 if quick else sft_base.eval.heldout_size)
+    n_val = (16 if quick else VALIDATION_PROBLEMS) if select == "best" else 0
     paths = build_task(
         out / "data",
         seed=seed,
         n_train=sft_base.data.global_batch_size * 50 if quick else 12000,
         n_heldout=heldout_size,
+        n_validation=n_val,
         vocab_size=sft_base.model.vocab_size,
         trace=trace,
     )
@@ -260,6 +295,14 @@ def run_demo(
             "rollout.max_new_tokens=64",
             "data.seq_length=192",
         ]
+    if select == "best":
+        rl_over += [
+            f"eval.heldout_path={paths['validation']}",
+            f"eval.heldout_size={n_val}",
+            f"eval.eval_every={1 if quick else SELECT_EVERY}",
+            "eval.eval_at_start=false",
+            "checkpoint.keep_best=true",
+        ] + (["eval.max_new_tokens=64"] if quick else [])
     rl_over += list(rl_overrides or [])
     steps = load_config(RL_EXAMPLE, rl_over).run.train_steps  # --rl-set run.train_steps=N included
     tp2 = min(tp2_steps, steps - 1)
@@ -272,7 +315,18 @@ def run_demo(
         _rl_tp2(out, tp2, log, threads)
     times["rl_seconds"] = time.perf_counter() - t
     rl_hf = out / "rl" / "hf"
-    log(f"[demo] RL done in {times['rl_seconds']:.0f}s; final policy {rl_hf}")
+    validation = _validation_curve(out / "rl" / "metrics.jsonl")
+    selected = steps
+    if select == "best":
+        selected = best_step(validation)
+        rl_hf = out / "rl" / "hf_best"
+        curve = ", ".join(f"{acc:.1%} at {s}" for s, acc in sorted(validation.items()))
+        log(
+            f"[demo] RL done in {times['rl_seconds']:.0f}s; greedy accuracy on {n_val} validation problems: "
+            f"{curve}; the RL policy is step {selected}'s: {rl_hf}"
+        )
+    else:
+        log(f"[demo] RL done in {times['rl_seconds']:.0f}s; final policy {rl_hf}")
 
     # -- evaluation + inference scaling -------------------------------------------------------------
     t = time.perf_counter()
@@ -307,6 +361,10 @@ def run_demo(
         "rl_minus_sft_in_stderr": diff / diff_se if diff_se else float("nan"),
         "heldout_size": acc["rl"]["num_problems"],
         "rl_steps": steps,
+        "rl_select": select,
+        "rl_selected_step": selected,
+        "validation_size": n_val,
+        "rl_validation_accuracy": {str(s_): a for s_, a in sorted(validation.items())},
         "rl_tp2_steps": tp2,
         "rl_last_rollout_accuracy": rl.get("accuracy"),
         "scaling_problems": min(SCALING_PROBLEMS, acc["rl"]["num_problems"]),

@@ -126,11 +126,14 @@ def save_checkpoint(
     *,
     state: dict[str, Any] | None = None,
     extra_sharded: dict | None = None,
+    best: int | None = None,
 ) -> Path:
     """Save everything needed to resume at ``step``; returns the final folder.
 
     ``state`` is small picklable run state (data position, anchor step, metrics) saved once by
-    rank 0; ``extra_sharded`` holds more sharded tensors (e.g. the anchor's weights).
+    rank 0; ``extra_sharded`` holds more sharded tensors (e.g. the anchor's weights). ``best``: the
+    step of the run's best checkpoint (model selection): the ``best`` marker names it and pruning
+    (``checkpoint.keep_last``) never deletes it.
     """
     root = Path(root)
     final = root / f"step_{step:07d}"
@@ -170,19 +173,36 @@ def save_checkpoint(
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        marker = root / "latest"
-        marker_tmp = root / "latest.tmp"
-        marker_tmp.write_text(final.name)
-        os.replace(marker_tmp, marker)
-        _prune(root, keep=cfg.checkpoint.keep_last)
+        _write_marker(root / "latest", final.name)
+        if best is not None:
+            _write_marker(root / "best", f"step_{best:07d}")
+        _prune(root, keep=cfg.checkpoint.keep_last, protect=None if best is None else f"step_{best:07d}")
     _barrier()
     return final
 
 
-def _prune(root: Path, keep: int) -> None:
+def _write_marker(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _prune(root: Path, keep: int, protect: str | None = None) -> None:
+    """Delete all but the newest ``keep`` step folders, and never the one named ``protect``."""
     steps = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
     for old in steps[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name != protect:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def best_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The folder ``best`` names (``checkpoint.keep_best``), or None when the run has not marked one."""
+    marker = Path(root) / "best"
+    if not marker.is_file():
+        return None
+    path = Path(root) / marker.read_text().strip()
+    read_metadata(path)  # raises if `best` points at something incomplete
+    return path
 
 
 def load_checkpoint(

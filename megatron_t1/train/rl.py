@@ -17,13 +17,16 @@ every rank holds the same responses and computes the same packing plan
 ``latest`` checkpoint (policy, optimizer, anchor; the step number fixes the prompt order and the
 sampling seeds); otherwise it starts from ``checkpoint.init_from`` with the anchor equal to the
 starting policy. The last step saves a checkpoint and exports the policy as an HF folder
-(``runs/NAME/hf``).
+(``runs/NAME/hf``). With ``checkpoint.keep_best`` every held-out evaluation saves a checkpoint, the
+best one by held-out accuracy is kept and marked (``checkpoints/best``; the evaluations are part of the
+checkpoint's run state, so a resumed run selects over all of them) and exported as ``runs/NAME/hf_best``.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from functools import partial
@@ -198,6 +201,30 @@ def export_hf(cfg: Config, ckpt_root: Path, out: Path) -> Path:
     return out
 
 
+def best_step(evals: dict[int, float]) -> int | None:
+    """The step with the highest held-out accuracy; a tie goes to the later step (more training)."""
+    return max(evals, key=lambda step: (evals[step], step)) if evals else None
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # a file system without hard links
+        shutil.copy2(src, dst)
+
+
+def _export_best(cfg: Config, ckpt_root: Path, best: int, last: int, hf_dir: Path, out: Path) -> None:
+    """``hf_best/``: hard links to ``hf/`` when the last step is the best, else its own export."""
+    if best == last:
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(hf_dir, tmp, copy_function=_link_or_copy)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    else:
+        export_hf(cfg, ckpt_root / f"step_{best:07d}", out)
+
+
 def run_rl(cfg: Config) -> dict:
     """Train with T1's RL recipe; returns a summary of the last step."""
     t0 = time.perf_counter()
@@ -221,6 +248,11 @@ def run_rl(cfg: Config) -> dict:
     heldout = load_prompts(cfg.eval.heldout_path)[: cfg.eval.heldout_size] if cfg.eval.heldout_path else []
     if cfg.eval.eval_every and not heldout:
         raise ConfigError("eval.eval_every is set but eval.heldout_path is not")
+    if cfg.checkpoint.keep_best and not (heldout and cfg.eval.eval_every):
+        raise ConfigError(
+            "checkpoint.keep_best selects among held-out evaluations: it needs eval.heldout_path "
+            "(a validation set) and eval.eval_every > 0"
+        )
     k = ro.keep or ro.n_samples
     tok = load_tokenizer(cfg)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -233,12 +265,14 @@ def run_rl(cfg: Config) -> dict:
         load_checkpoint(resolve_init_from(cfg.checkpoint.init_from), cfg, chunks, weights_only=True)
     anchor = AnchorStore(chunks, cfg.anchor)  # = the starting policy
     start = 0
+    evals: dict[int, float] = {}  # step -> held-out accuracy of the saved checkpoints (keep_best)
     if latest is not None:
         out = load_checkpoint(
             latest, cfg, chunks, optimizer, scheduler, extra_sharded={"anchor": anchor.sharded_state_dict()}
         )
         anchor.load_from(out["anchor"])
         start = out["step"]
+        evals = {int(k_): float(v) for k_, v in out["state"].get("evals", {}).items()}
 
     from megatron_t1.reward import RewardScorer
     from megatron_t1.rollout.engine import SamplingParams
@@ -270,7 +304,7 @@ def run_rl(cfg: Config) -> dict:
     )
     scalars: dict[str, float] = {}
     guard = SkipGuard(cfg.run.max_skipped_steps)
-    if heldout and cfg.eval.eval_every and start == 0:  # the curve starts at the initial policy
+    if heldout and cfg.eval.eval_every and cfg.eval.eval_at_start and start == 0:  # the curve's step 0
         t = time.perf_counter()
         ev0 = _evaluate(engine, heldout, cfg, ctx)
         logger.step(0, {**ev0, "eval_s": time.perf_counter() - t}, advance=False)
@@ -407,9 +441,17 @@ def run_rl(cfg: Config) -> dict:
             t = time.perf_counter()
             ev = _evaluate(engine, heldout, cfg, ctx) or {}
             times["eval_s"] = time.perf_counter() - t
+        best = None
+        if cfg.checkpoint.keep_best:
+            if ev:
+                evals[done] = ev["heldout_accuracy"]
+            best = best_step(evals)
+            if best is not None:
+                ev |= {"heldout_best_step": float(best), "heldout_best_accuracy": evals[best]}
         # -- checkpoint ------------------------------------------------------------------------
         exit_now = cfg.run.exit_interval is not None and done % cfg.run.exit_interval == 0 and not last
-        if last or exit_now or (cfg.checkpoint.save_interval and done % cfg.checkpoint.save_interval == 0):
+        periodic = cfg.checkpoint.save_interval and done % cfg.checkpoint.save_interval == 0
+        if last or exit_now or periodic or (cfg.checkpoint.keep_best and done in evals):
             t = time.perf_counter()
             save_checkpoint(
                 ckpt_root,
@@ -418,8 +460,9 @@ def run_rl(cfg: Config) -> dict:
                 chunks,
                 optimizer,
                 scheduler,
-                state={"kind": "rl"},
+                state={"kind": "rl", "evals": dict(evals)},
                 extra_sharded={"anchor": anchor.sharded_state_dict()},
+                best=best,
             )
             times["ckpt_s"] = time.perf_counter() - t
         # -- log -----------------------------------------------------------------------------------
@@ -458,7 +501,8 @@ def run_rl(cfg: Config) -> dict:
         scorer.close()
     if engine is not None:
         engine.close()
-    hf_dir = None
+    hf_dir = best_dir = None
+    best = best_step(evals) if cfg.checkpoint.keep_best else None
     if start < cfg.run.train_steps and scalars and not (cfg.run.exit_interval and done < cfg.run.train_steps):
         if ctx.world_size > 1:
             dist.barrier()
@@ -466,10 +510,21 @@ def run_rl(cfg: Config) -> dict:
         if ctx.rank == 0:
             export_hf(cfg, ckpt_root, hf_dir)
             logger.info(f"final policy exported as an HF folder: {hf_dir}")
+        if best is not None:
+            best_dir = run_dir / "hf_best"
+            if ctx.rank == 0:
+                _export_best(cfg, ckpt_root, best, done, hf_dir, best_dir)
+                logger.info(
+                    f"best held-out accuracy {evals[best]:.4f} at step {best} (of steps {sorted(evals)}); "
+                    f"exported as {best_dir}"
+                )
     logger.close()
     return {
         "run_dir": str(run_dir),
         "hf_dir": str(hf_dir) if hf_dir else None,
+        "best_hf_dir": str(best_dir) if best_dir else None,
+        "best_step": best,
+        "evals": dict(sorted(evals.items())),
         **{k_: v for k_, v in scalars.items() if not k_.startswith("m/")},
         "wall_seconds": time.perf_counter() - t0,
     }

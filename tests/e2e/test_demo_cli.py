@@ -1,6 +1,7 @@
 """`python -m megatron_t1 demo --quick`: the whole pipeline on a fresh folder (data, tokenizer, SFT,
-RL at TP=1 then resumed at TP=2 under torchrun, HF exports, evaluation of both policies, the scaling
-sweep and its PNG) writes a summary a script can check. Accuracy is not asserted here (a few steps);
+RL at TP=1 then resumed at TP=2 under torchrun with a validation evaluation every step, the best
+checkpoint selected, HF exports, evaluation of both policies, the scaling sweep and its PNG) writes a
+summary a script can check. Accuracy is not asserted here (a few steps);
 the full demo's numbers are in bench/RESULTS.md."""
 
 from __future__ import annotations
@@ -39,3 +40,12 @@ def test_quick_demo_end_to_end(tmp_path):
     assert all(math.isfinite(row["accuracy"]) for row in s["scaling"])
     assert s["scaling_problems"] == 100 and all(row["num_problems"] == 100 for row in s["scaling"])
     assert "held-out accuracy" in r.stdout
+    # model selection: validated at every step across the TP change, the evaluated RL policy is the
+    # step the trainer marked best, exported as hf_best
+    assert s["rl_select"] == "best" and s["validation_size"] == 16
+    curve = {int(k): v for k, v in s["rl_validation_accuracy"].items()}
+    assert sorted(curve) == list(range(1, s["rl_steps"] + 1))
+    assert s["rl_selected_step"] == max(curve, key=lambda k: (curve[k], k))
+    marker = (out / "rl" / "checkpoints" / "best").read_text().strip()
+    assert marker == f"step_{s['rl_selected_step']:07d}"
+    assert (out / "rl" / "hf_best" / "config.json").is_file()

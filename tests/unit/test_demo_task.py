@@ -1,5 +1,6 @@
-"""The demo's task files: trace options reach the SFT data, bad options are one clear error, and the
-paired difference of per-problem scores matches a plain float64 computation."""
+"""The demo's task files: trace options reach the SFT data, bad options are one clear error, the
+validation problems are disjoint from the held-out ones and leave them unchanged, and the paired
+difference of per-problem scores matches a plain float64 computation."""
 
 from __future__ import annotations
 
@@ -33,6 +34,22 @@ def test_trace_options_change_the_sft_data_only(tmp_path):
         assert base[part].read_text() == more[part].read_text()
     with pytest.raises(ValueError, match="unknown trace option"):
         build_task(tmp_path / "bad", **kw, trace={"max_attempts": 2})
+
+
+def test_validation_problems_are_disjoint_and_leave_the_heldout_set_alone(tmp_path):
+    kw = dict(seed=3, n_train=100, n_heldout=50, vocab_size=400)
+    plain = build_task(tmp_path / "plain", **kw)
+    with_val = build_task(tmp_path / "val", **kw, n_validation=30)
+    assert plain["heldout"].read_text() == with_val["heldout"].read_text()
+
+    def questions(path):
+        return [json.loads(line)["question"] for line in path.read_text().splitlines()]
+
+    val, test = questions(with_val["validation"]), questions(with_val["heldout"])
+    assert len(val) == len(set(val)) == 30 and not set(val) & set(test)
+    rl = set(questions(with_val["rl"]))
+    assert not set(val) & rl  # the RL prompts come from the train split
+    assert questions(plain["validation"]) == []
 
 
 def test_parse_trace_options():
