@@ -56,6 +56,7 @@ def _parse_recipe(text: str) -> tuple[str, list[str], list[str]]:
 def _command(job: Job, args, reuse: bool) -> list[str]:
     cmd = [sys.executable, "-m", "megatron_t1", "demo", "--out", str(job.out), "--seed", str(job.seed)]
     cmd += ["--device", args.device, "--threads", str(args.threads), "--tp2-steps", str(args.tp2_steps)]
+    cmd += ["--select", args.select]
     if args.heldout:
         cmd += ["--heldout", str(args.heldout)]
     for o in job.rl:
@@ -102,6 +103,12 @@ def main() -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--tp2-steps", type=int, default=2)
     p.add_argument("--heldout", type=int, default=None)
+    p.add_argument(
+        "--select",
+        choices=("best", "final"),
+        default="best",
+        help="demo --select: the RL checkpoint with the best validation accuracy (default) or the last",
+    )
     p.add_argument("--quick", action="store_true", help="pass --quick to every demo (a smoke test)")
     p.add_argument(
         "--sft-from",
