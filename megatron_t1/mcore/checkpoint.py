@@ -101,14 +101,19 @@ def check_compatible(meta: dict, cfg: Config, where: str) -> None:
             raise ConfigError(f"{where}: checkpoint has model.{k}={theirs!r} but the config says {ours!r}")
 
 
-def latest_checkpoint(root: str | os.PathLike) -> Path | None:
-    """The folder ``latest`` names, or None when the run has not saved yet."""
-    marker = Path(root) / "latest"
+def _marked(root: str | os.PathLike, marker_name: str) -> Path | None:
+    """The step folder the marker file names, or None without a marker (raises if incomplete)."""
+    marker = Path(root) / marker_name
     if not marker.is_file():
         return None
     path = Path(root) / marker.read_text().strip()
-    read_metadata(path)  # raises if `latest` points at something incomplete
+    read_metadata(path)  # raises if the marker points at something incomplete
     return path
+
+
+def latest_checkpoint(root: str | os.PathLike) -> Path | None:
+    """The folder ``latest`` names, or None when the run has not saved yet."""
+    return _marked(root, "latest")
 
 
 def _barrier() -> None:
@@ -197,12 +202,7 @@ def _prune(root: Path, keep: int, protect: str | None = None) -> None:
 
 def best_checkpoint(root: str | os.PathLike) -> Path | None:
     """The folder ``best`` names (``checkpoint.keep_best``), or None when the run has not marked one."""
-    marker = Path(root) / "best"
-    if not marker.is_file():
-        return None
-    path = Path(root) / marker.read_text().strip()
-    read_metadata(path)  # raises if `best` points at something incomplete
-    return path
+    return _marked(root, "best")
 
 
 def load_checkpoint(

@@ -9,6 +9,7 @@ from the last one."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -84,14 +85,24 @@ def _scripted_evaluate(monkeypatch, calls: list[int]):
     monkeypatch.setattr(rl, "_evaluate", fake)
 
 
+_DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
+
+
 def _run(cfg) -> dict:
+    """run_rl in this process as a world of one; the rendezvous variables it sets are removed after,
+    so that later tests' subprocesses (torchrun, CLI runs) do not inherit a used port."""
     from megatron_t1.mcore.parallel import destroy_parallel
     from megatron_t1.train.rl import run_rl
 
+    saved = {k: os.environ.pop(k, None) for k in _DIST_ENV}
     try:
         return run_rl(cfg)
     finally:
         destroy_parallel()
+        for k, v in saved.items():
+            os.environ.pop(k, None)
+            if v is not None:
+                os.environ[k] = v
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
