@@ -116,6 +116,11 @@ def latest_checkpoint(root: str | os.PathLike) -> Path | None:
     return _marked(root, "latest")
 
 
+def step_dir_name(step: int) -> str:
+    """The folder name of a run's checkpoint at ``step`` (``step_0000020``)."""
+    return f"step_{step:07d}"
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -141,8 +146,8 @@ def save_checkpoint(
     (``checkpoint.keep_last``) never deletes it.
     """
     root = Path(root)
-    final = root / f"step_{step:07d}"
-    tmp = root / f"step_{step:07d}.tmp"
+    final = root / step_dir_name(step)
+    tmp = root / f"{final.name}.tmp"
     rank = dist.get_rank() if dist.is_initialized() else 0
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
@@ -179,9 +184,10 @@ def save_checkpoint(
             shutil.rmtree(final)
         os.replace(tmp, final)
         _write_marker(root / "latest", final.name)
-        if best is not None:
-            _write_marker(root / "best", f"step_{best:07d}")
-        _prune(root, keep=cfg.checkpoint.keep_last, protect=None if best is None else f"step_{best:07d}")
+        protect = None if best is None else step_dir_name(best)
+        if protect is not None:
+            _write_marker(root / "best", protect)
+        _prune(root, keep=cfg.checkpoint.keep_last, protect=protect)
     _barrier()
     return final
 

@@ -46,6 +46,7 @@ from megatron_t1.mcore.checkpoint import (
     load_checkpoint,
     resolve_init_from,
     save_checkpoint,
+    step_dir_name,
 )
 from megatron_t1.mcore.model import build_model
 from megatron_t1.mcore.parallel import ParallelContext, init_parallel
@@ -222,7 +223,7 @@ def _export_best(cfg: Config, ckpt_root: Path, best: int, last: int, hf_dir: Pat
         shutil.rmtree(out, ignore_errors=True)
         tmp.rename(out)
     else:
-        export_hf(cfg, ckpt_root / f"step_{best:07d}", out)
+        export_hf(cfg, ckpt_root / step_dir_name(best), out)
 
 
 def run_rl(cfg: Config) -> dict:
