@@ -217,9 +217,10 @@ def run_demo(
     from megatron_t1.config import load_config
     from megatron_t1.eval.cli import run_eval
     from megatron_t1.eval.loaders import load_problems
+    from megatron_t1.mcore.checkpoint import best_checkpoint, read_metadata
     from megatron_t1.mcore.parallel import destroy_parallel
     from megatron_t1.reward import RewardConfig
-    from megatron_t1.train.rl import best_step, export_hf, run_rl
+    from megatron_t1.train.rl import export_hf, run_rl
     from megatron_t1.train.sft import run_sft
 
     t0 = time.perf_counter()
@@ -317,8 +318,11 @@ def run_demo(
     rl_hf = out / "rl" / "hf"
     validation = _validation_curve(out / "rl" / "metrics.jsonl")
     selected = steps
-    if select == "best":
-        selected = best_step(validation)
+    if select == "best":  # the step the trainer marked best (checkpoints/best) and exported as hf_best
+        best = best_checkpoint(out / "rl" / "checkpoints")
+        if best is None:
+            raise RuntimeError(f"{out / 'rl' / 'checkpoints'}: the RL run marked no best checkpoint")
+        selected = int(read_metadata(best)["step"])
         rl_hf = out / "rl" / "hf_best"
         curve = ", ".join(f"{acc:.1%} at {s}" for s, acc in sorted(validation.items()))
         log(
