@@ -355,10 +355,17 @@ class RolloutConfig:
     """Generation limit; hitting it is the over-long penalty (T1: 16384 for 32B, 10240 for 9B/14B)."""
     bucket_mb: int = 512
     """Weight-sync bucket size in MB."""
-    engines_per_node: int = 1
-    """vLLM engines per node (colocated)."""
+    engines_per_node: int | None = None
+    """Rollout engines per node (colocated): each is a group of ``vllm_tensor_parallel_size``
+    consecutive ranks and the groups must tile the node (``engines_per_node x
+    vllm_tensor_parallel_size`` = ranks per node). None: as many as fill a node."""
     vllm_tensor_parallel_size: int = 1
-    """TP of each vLLM engine."""
+    """Ranks (GPUs) per rollout engine: vLLM's tensor-parallel size. The HF engine has no tensor
+    parallelism: with more than 1, the group's first rank runs it and the others wait."""
+    timeout_minutes: float = 60.0
+    """How long a rank waits for the slowest engine of a step (generation, held-out evaluation)
+    before the run stops with an error naming the ranks that did not finish; set it above the
+    longest rollout you expect."""
     gpu_memory_utilization: float = 0.5
     """vLLM's share of GPU memory when colocated."""
     parity_threshold: float = 0.05
@@ -389,6 +396,16 @@ class RolloutConfig:
             raise ConfigError(f"rollout.min_p must be in [0, 1), got {self.min_p}")
         if self.sleep_level not in (1, 2):
             raise ConfigError(f"rollout.sleep_level must be 1 or 2, got {self.sleep_level}")
+        if self.engines_per_node is not None and self.engines_per_node < 1:
+            raise ConfigError(f"rollout.engines_per_node must be >= 1 or null, got {self.engines_per_node}")
+        if self.vllm_tensor_parallel_size < 1:
+            raise ConfigError(
+                f"rollout.vllm_tensor_parallel_size must be >= 1, got {self.vllm_tensor_parallel_size}"
+            )
+        if self.timeout_minutes <= 0:
+            raise ConfigError(f"rollout.timeout_minutes must be > 0, got {self.timeout_minutes}")
+        if self.engine == "vllm" and self.vllm_mode == "server" and not self.server_urls:
+            raise ConfigError("rollout.vllm_mode=server needs rollout.server_urls (one URL per vllm serve)")
 
 
 @dataclass

@@ -37,32 +37,24 @@ def pass_at_1(correct: list[list[float]]) -> tuple[float, float]:
     return m, math.sqrt(var / len(means))
 
 
-def evaluate_engine(
-    engine,
-    problems: list,
-    *,
-    max_new_tokens: int,
-    temperature: float = 0.0,
-    n: int = 1,
-    seed: int = 0,
-    reward_config=None,
-) -> HeldoutResult:
-    """Accuracy of a rollout engine's policy on ``problems`` (objects with .question and .answer).
-
-    Generation goes through the engine's own ``generate`` (the RL loop's sampling path; greedy when
-    ``temperature`` is 0), prompts through the shared chat template + ``\\boxed{}`` instruction.
-    """
+def heldout_prompts(tokenizer, problems: list) -> list[str]:
+    """The chat-templated prompt of every problem (objects with .question): the RL loop's template
+    with the ``\\boxed{}`` instruction."""
     from megatron_t1.data.synthetic import prompt_messages
-    from megatron_t1.reward import compute_rewards
-    from megatron_t1.rollout.engine import SamplingParams
 
-    tok = engine.tokenizer
-    texts = [
-        tok.apply_chat_template(prompt_messages(p.question), tokenize=False, add_generation_prompt=True)
+    return [
+        tokenizer.apply_chat_template(prompt_messages(p.question), tokenize=False, add_generation_prompt=True)
         for p in problems
     ]
-    params = SamplingParams(temperature=temperature, max_tokens=max_new_tokens, seed=seed)
-    gens = engine.generate(texts, n, params)
+
+
+def score_heldout(problems: list, gens: list, *, reward_config=None) -> HeldoutResult:
+    """Accuracy of ``gens`` (one :class:`~megatron_t1.rollout.engine.PromptCompletions` per problem,
+    in order) against the problems' answers, scored by T1's reward (penalised responses are wrong)."""
+    from megatron_t1.reward import compute_rewards
+
+    if len(gens) != len(problems):
+        raise ValueError(f"{len(gens)} generations for {len(problems)} problems")
     flat = [c for g in gens for c in g.completions]
     golds = [p.answer for p, g in zip(problems, gens) for _ in g.completions]
     scored = compute_rewards(
@@ -90,7 +82,30 @@ def evaluate_engine(
         correct.append(row)
     acc, se = pass_at_1(correct)
     mean_tokens = sum(r["tokens"] for r in records) / max(len(records), 1)
+    n = len(gens[0].completions) if gens else 0
     return HeldoutResult(acc, se, len(problems), n, mean_tokens, records)
+
+
+def evaluate_engine(
+    engine,
+    problems: list,
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    n: int = 1,
+    seed: int = 0,
+    reward_config=None,
+) -> HeldoutResult:
+    """Accuracy of a rollout engine's policy on ``problems`` (objects with .question and .answer).
+
+    Generation goes through the engine's own ``generate`` (the RL loop's sampling path; greedy when
+    ``temperature`` is 0), prompts through the shared chat template + ``\\boxed{}`` instruction.
+    """
+    from megatron_t1.rollout.engine import SamplingParams
+
+    texts = heldout_prompts(engine.tokenizer, problems)
+    params = SamplingParams(temperature=temperature, max_tokens=max_new_tokens, seed=seed)
+    return score_heldout(problems, engine.generate(texts, n, params), reward_config=reward_config)
 
 
 def evaluate_hf(hf_dir: str | os.PathLike, problems: list, **kw) -> HeldoutResult:

@@ -34,6 +34,9 @@ class ParallelContext:
     dp_rank: int
     vpp: int | None
     device: torch.device
+    local_world_size: int = 1
+    """Ranks on this rank's node (torchrun's LOCAL_WORLD_SIZE; without it, the whole world is one
+    node). The rollout engines tile each node (:mod:`megatron_t1.rollout.placement`)."""
 
     @property
     def is_logging_rank(self) -> bool:
@@ -96,6 +99,7 @@ def init_parallel(pcfg: ParallelConfig, *, seed: int, device: str = "auto") -> P
         dp_rank=ps.get_data_parallel_rank(),
         vpp=pcfg.virtual_pipeline_model_parallel_size,
         device=torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu"),
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)),
     )
 
 

@@ -13,10 +13,15 @@ here report the processed one.
 
 Every engine implements :class:`RolloutEngine`:
 
-* ``generate(prompts, n, params) -> list[PromptCompletions]``: per prompt, ``n`` samples.
+* ``generate(prompts, n, params, *, seeds=None) -> list[PromptCompletions]``: per prompt, ``n``
+  samples. ``seeds[i]`` seeds prompt i's samples on their own (:func:`sample_seed`): the same prompt
+  and seed give the same samples whatever else is in the batch, so rollouts dealt to several engines
+  are those one engine would draw (up to floating-point differences of batched kernels).
 * ``score(sequences) -> list[Tensor]``: untempered log-probs of given token sequences (the parity
   probe after a weight sync compares them with the trainer's).
 * ``update_weights(named_tensors)``: load HF-named full tensors in place (the weight sync).
+* ``sleep()``: free the accelerator for the trainer (colocated vLLM on GPU; a no-op elsewhere). The
+  next ``generate`` / ``score`` / ``update_weights`` wakes what it needs.
 * ``close()``.
 
 :class:`RestartableEngine` wraps any engine built by a factory: a failure inside the engine is
@@ -26,6 +31,8 @@ fresh engine (whose weights must then be synced again: ``needs_weights`` says so
 
 from __future__ import annotations
 
+import hashlib
+import struct
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -133,8 +140,11 @@ class PromptCompletions:
 class RolloutEngine(Protocol):
     """What the RL loop needs from an inference engine (HF transformers or vLLM)."""
 
-    def generate(self, prompts: Sequence[Prompt], n: int, params: SamplingParams) -> list[PromptCompletions]:
-        """``n`` samples for every prompt, in prompt order."""
+    def generate(
+        self, prompts: Sequence[Prompt], n: int, params: SamplingParams, *, seeds: Sequence[int] | None = None
+    ) -> list[PromptCompletions]:
+        """``n`` samples for every prompt, in prompt order. ``seeds``: one per prompt (default:
+        :func:`prompt_seeds` of ``params.seed``)."""
         ...
 
     def score(self, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
@@ -147,9 +157,37 @@ class RolloutEngine(Protocol):
         The tensors may be views into buffers the stream reuses: copy them as they come."""
         ...
 
+    def sleep(self) -> None:
+        """Release accelerator memory until the next call (no-op where there is nothing to free)."""
+        ...
+
     def close(self) -> None:
         """Release the engine (idempotent)."""
         ...
+
+
+def sample_seed(*parts: int) -> int:
+    """A 62-bit seed mixed from integers, e.g. ``(run seed, step, prompt index)``.
+
+    A hash, not a sum: ``(seed, step + 1, i)`` and ``(seed, step, i + 1)`` give unrelated streams, and
+    vLLM's per-sample seeds (``seed + j`` for the j-th of n samples) stay far apart.
+    """
+    digest = hashlib.blake2b(struct.pack(f"<{len(parts)}q", *parts), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 2  # vLLM adds the sample index: stay inside int64
+
+
+def prompt_seeds(params: SamplingParams, n_prompts: int, seeds: Sequence[int] | None = None) -> list[int]:
+    """The per-prompt seeds of a ``generate`` call: ``seeds`` as given (checked), else
+    ``sample_seed(params.seed, i)`` for prompt i, else fresh draws from torch's global generator
+    (``params.seed`` None: not reproducible, as asked)."""
+    if seeds is not None:
+        seeds = [int(s) for s in seeds]
+        if len(seeds) != n_prompts:
+            raise ValueError(f"{len(seeds)} seeds for {n_prompts} prompts")
+        return seeds
+    if params.seed is not None:
+        return [sample_seed(params.seed, i) for i in range(n_prompts)]
+    return torch.randint(0, 2**62, (n_prompts,)).tolist()
 
 
 def check_prompts(prompts: Sequence[Prompt], n: int) -> None:
@@ -208,8 +246,10 @@ class RestartableEngine:
             except Exception:  # a crashed engine may not close cleanly; it is dropped either way
                 pass
 
-    def generate(self, prompts: Sequence[Prompt], n: int, params: SamplingParams) -> list[PromptCompletions]:
-        return self._call("generate", lambda e: e.generate(prompts, n, params))
+    def generate(
+        self, prompts: Sequence[Prompt], n: int, params: SamplingParams, *, seeds: Sequence[int] | None = None
+    ) -> list[PromptCompletions]:
+        return self._call("generate", lambda e: e.generate(prompts, n, params, seeds=seeds))
 
     def score(self, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         return self._call("score", lambda e: e.score(sequences))
@@ -218,6 +258,9 @@ class RestartableEngine:
         loaded = self._call("update_weights", lambda e: e.update_weights(named_tensors))
         self.needs_weights = False
         return loaded
+
+    def sleep(self) -> None:
+        self._call("sleep", lambda e: e.sleep())
 
     def restart(self) -> None:
         """Close the current engine (if any) and build a new one with the factory."""
@@ -231,7 +274,7 @@ class RestartableEngine:
             engine.close()
 
     def __getattr__(self, name: str) -> Any:
-        # sleep / wake_up and other engine-specific methods pass through.
+        # Engine-specific attributes (tokenizer, wake_up, ...) pass through.
         engine = self.__dict__.get("engine")
         if engine is None:
             raise AttributeError(name)

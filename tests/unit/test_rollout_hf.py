@@ -1,6 +1,7 @@
 """The HF (transformers) rollout engine: K samples per prompt whose log-probs are those of the
 distribution they were sampled from (checked against a plain float64 full forward pass), finish
-reasons, seeds, in-place weight updates, bad input, and a crash mid-generate with a restart."""
+reasons, seeds (per prompt: a prompt's samples do not depend on the rest of the batch), the
+inverse-CDF draw, in-place weight updates, bad input, and a crash mid-generate with a restart."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ from megatron_t1.rollout.engine import (
     RestartableEngine,
     RolloutEngine,
     SamplingParams,
+    prompt_seeds,
+    sample_seed,
 )
-from megatron_t1.rollout.hf_engine import HFEngine, filtered_scores
+from megatron_t1.rollout.hf_engine import HFEngine, filtered_scores, inverse_cdf
+from megatron_t1.rollout.placement import deal, merge
 
 VOCAB = 512
 
@@ -198,6 +202,65 @@ def test_seeds_reproduce_and_leave_global_rng_alone(engine):
     c = engine.generate([[1, 2, 3]], 3, SamplingParams(temperature=1.2, max_tokens=10, seed=4))[0].completions
     assert [x.token_ids for x in a] == [x.token_ids for x in b]
     assert [x.token_ids for x in a] != [x.token_ids for x in c]
+
+
+def _ids(out):
+    return [[c.token_ids for c in r.completions] for r in out]
+
+
+def test_samples_depend_on_their_prompt_and_seed_only(engine):
+    """The RL loop deals a step's prompts to several engines: each prompt's samples must be those one
+    engine gives for the whole batch (other prompts, batch size and padding width do not matter)."""
+    prompts = [[5, 9, 11], list(range(30, 52)), [7, 8, 9, 10], list(range(100, 112)), [3]]
+    seeds = [sample_seed(1234, 3, i) for i in range(len(prompts))]
+    p = SamplingParams(temperature=1.2, max_tokens=16)
+    together = engine.generate(prompts, 4, p, seeds=seeds)
+    split = merge(
+        [
+            engine.generate([prompts[i] for i in idx], 4, p, seeds=[seeds[i] for i in idx])
+            for idx in deal(5, 2)
+        ],
+        len(prompts),
+    )
+    solo = HFEngine(engine.model, engine.tokenizer, max_batch_sequences=4).generate(
+        prompts, 4, p, seeds=seeds
+    )
+    assert _ids(together) == _ids(split) == _ids(solo)
+    for a, b in zip(together, solo):
+        for x, y in zip(a.completions, b.completions):
+            assert x.logprobs == pytest.approx(y.logprobs, abs=1e-5)
+    assert len({tuple(t) for t in _ids(together)[0]}) > 1  # the 4 samples of a prompt differ
+    other = list(seeds)
+    other[2] = sample_seed(1234, 3, 99)
+    changed = _ids(engine.generate(prompts, 4, p, seeds=other))
+    assert changed[2] != _ids(together)[2]
+    assert changed[:2] + changed[3:] == _ids(together)[:2] + _ids(together)[3:]
+
+
+def test_inverse_cdf_draws_the_step_that_holds_u():
+    probs = torch.tensor([[0.2, 0.0, 0.5, 0.3]]).expand(6, 4) * 3  # rows need not sum to 1
+    u = torch.tensor([0.0, 0.19, 0.21, 0.69, 0.71, 0.999999])
+    assert inverse_cdf(probs, u).tolist() == [0, 0, 2, 2, 3, 3]  # the empty step (token 1) never
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, generator=g)
+    logits[::7] = -torch.inf
+    p = logits.softmax(-1)
+    n = 200_000
+    tok = inverse_cdf(p.expand(n, 50), torch.rand(n, generator=g))
+    freq = torch.bincount(tok, minlength=50).double() / n
+    assert freq[p == 0].sum() == 0
+    sigma = (p.double() * (1 - p.double()) / n).sqrt()
+    assert ((freq - p.double()).abs() <= 4 * sigma + 1e-12).all()
+
+
+def test_prompt_seeds():
+    assert sample_seed(1, 2, 3) == sample_seed(1, 2, 3) != sample_seed(1, 3, 2)
+    many = {sample_seed(1234, step, i) for step in range(50) for i in range(64)}
+    assert len(many) == 50 * 64 and all(0 <= x < 2**62 for x in many)
+    assert prompt_seeds(SamplingParams(seed=5), 3) == [sample_seed(5, i) for i in range(3)]
+    assert prompt_seeds(SamplingParams(seed=5), 2, [7, 8]) == [7, 8]
+    with pytest.raises(ValueError, match="2 seeds for 3 prompts"):
+        prompt_seeds(SamplingParams(), 3, [1, 2])
 
 
 def test_update_weights_in_place(tokenizer):

@@ -15,8 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
-from megatron_t1.rollout.engine import EngineError, SamplingParams
-from megatron_t1.rollout.vllm_engine import VLLMServerEngine, write_safetensors_shards
+from megatron_t1.rollout.engine import EngineError, SamplingParams, sample_seed
+from megatron_t1.rollout.vllm_engine import VLLMServerEngine, VLLMServerPool, write_safetensors_shards
 
 
 class _Server:
@@ -101,7 +101,9 @@ def test_generate_request_and_answer(server, tmp_path):
     assert b["n"] == 3 and b["temperature"] == 1.2 and b["top_p"] == 1.0 and b["min_p"] == 0.0
     assert b["top_k"] == 0  # vLLM's "disabled"
     assert b["logprobs"] == 0 and b["return_token_ids"] and b["include_stop_str_in_output"]
-    assert b["seed"] == 9 and b["stop"] == ["</answer>"] and b["max_tokens"] == 3 and b["model"] == "tiny"
+    assert b["stop"] == ["</answer>"] and b["max_tokens"] == 3 and b["model"] == "tiny"
+    # one seed per prompt, mixed from the request's seed and the prompt's index
+    assert sorted(x["seed"] for x in bodies) == sorted([sample_seed(9, 0), sample_seed(9, 1)])
     by_prompt = {tuple(r.prompt_token_ids): r for r in out}
     r = by_prompt[(1, 2, 3)]
     assert [c.text for c in r.completions] == ["s0", "s1", "s2"]  # sorted by index
@@ -166,3 +168,47 @@ def test_bad_setup_is_rejected(tmp_path):
         VLLMServerEngine("http://127.0.0.1:1", model="m", weight_transfer="ftp")
     with pytest.raises(ValueError, match="given twice"):
         write_safetensors_shards(iter([("a", torch.zeros(1)), ("a", torch.zeros(1))]), tmp_path / "w")
+
+
+def test_server_pool_deals_prompts_by_index_and_reloads_one_folder(tmp_path):
+    a, b = _Server(), _Server()
+    try:
+        pool = VLLMServerPool([VLLMServerEngine(s.url, shared_dir=tmp_path) for s in (a, b)])
+        prompts = [[10 * i + 1, 10 * i + 2] for i in range(5)]
+        seeds = [100 + i for i in range(5)]
+        out = pool.generate(prompts, 2, SamplingParams(temperature=1.0, max_tokens=3), seeds=seeds)
+        assert [r.prompt_token_ids for r in out] == prompts  # prompt order, whoever sampled them
+        for srv, idx in ((a, [0, 2, 4]), (b, [1, 3])):
+            bodies = [body for path, body in srv.requests if path == "/v1/completions"]
+            assert sorted(x["prompt"] for x in bodies) == [prompts[i] for i in idx]
+            assert sorted(x["seed"] for x in bodies) == [seeds[i] for i in idx]
+        # The same prompts through one server: the same answers (the stand-in is deterministic).
+        one = VLLMServerEngine(a.url, shared_dir=tmp_path).generate(
+            prompts, 2, SamplingParams(temperature=1.0, max_tokens=3), seeds=seeds
+        )
+        assert [[c.token_ids for c in r.completions] for r in one] == [
+            [c.token_ids for c in r.completions] for r in out
+        ]
+        # Weights: one folder written, every server told to reload that folder.
+        named = [("model.norm.weight", torch.ones(4)), ("lm_head.weight", torch.zeros(8, 4))]
+        assert pool.update_weights(iter(named)) == 2
+        for srv in (a, b):
+            rpcs = [body for path, body in srv.requests if path == "/collective_rpc"]
+            assert [r["kwargs"]["weights_path"] for r in rpcs] == [str(tmp_path / "weights_v000001")]
+            assert srv.requests[-1][0] == "/reset_prefix_cache"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["weights_v000001"]
+        assert [name for name, _ in pool.members] == [f"vLLM server {a.url}", f"vLLM server {b.url}"]
+        a.fail_completions = True
+        with pytest.raises(EngineError, match=a.url.replace(".", "[.]")):
+            pool.generate(prompts, 2, SamplingParams(max_tokens=3), seeds=seeds)
+    finally:
+        a.close()
+        b.close()
+
+
+def test_server_pool_refuses_nccl_with_several_servers(server):
+    class Fake:
+        base_url, weight_transfer = "http://x:1", "nccl"
+
+    with pytest.raises(ValueError, match="weight_transfer=filesystem"):
+        VLLMServerPool([Fake(), Fake()])
