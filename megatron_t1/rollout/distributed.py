@@ -282,9 +282,13 @@ class DistributedRollout:
         return weight_sync(self.engine, model_chunks, units=self.units)
 
     def sleep(self) -> None:
-        """Free the accelerator for the trainer (colocated vLLM on GPU; a no-op elsewhere)."""
+        """Free the accelerator for the trainer (colocated vLLM on GPU; a no-op elsewhere). On a GPU,
+        ``stats["rollout/gpu_freed_gib"]`` is what the sleep gave back on this rank."""
         if self.engine is not None:
+            before = torch.cuda.mem_get_info()[0] if self.device.type == "cuda" else 0
             self.engine.sleep()
+            if self.device.type == "cuda":
+                self.stats["rollout/gpu_freed_gib"] = (torch.cuda.mem_get_info()[0] - before) / 2**30
 
     def close(self) -> None:
         if self.engine is not None:

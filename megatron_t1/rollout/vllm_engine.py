@@ -274,6 +274,9 @@ class VLLMEngine:
         return count[0]
 
     def close(self) -> None:
+        """Shut the engine down. vLLM's shutdown also destroys torch.distributed's default group,
+        which a colocated (external-launcher) engine shares with the trainer: close it after the
+        run's last collective."""
         llm, self.llm = self.llm, None
         if llm is None:
             return

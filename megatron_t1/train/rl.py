@@ -404,7 +404,6 @@ def run_rl(cfg: Config) -> dict:
             break
     if scorer is not None:
         scorer.close()
-    rollout.close()
     hf_dir = best_dir = None
     best = best_step(evals) if cfg.checkpoint.keep_best else None
     if start < cfg.run.train_steps and scalars and not (cfg.run.exit_interval and done < cfg.run.train_steps):
@@ -423,6 +422,8 @@ def run_rl(cfg: Config) -> dict:
                     f"exported as {best_dir}"
                 )
     logger.close()
+    # Last: closing an external-launcher vLLM engine tears down torch.distributed (vLLM's own cleanup).
+    rollout.close()
     return {
         "run_dir": str(run_dir),
         "hf_dir": str(hf_dir) if hf_dir else None,

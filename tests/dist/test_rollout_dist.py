@@ -200,5 +200,6 @@ def test_an_engine_failing_on_rank_1_stops_both_ranks_naming_it(data, tmp_path, 
             assert "injected fault in rank 1's engine" in r["error"]
     else:
         # Rank 0 waited rollout.timeout_minutes (3 s), not forever, and names the rank that did not come.
-        assert "EngineError" in res[0]["error"] and "timeout_minutes" in res[0]["error"]
-        assert "1" in res[0]["error"].split("(", 1)[1]
+        assert res[0]["error"].startswith("EngineError: rollout: not every rank finished within")
+        assert "Ranks 1 failed to pass" in res[0]["error"], res[0]["error"]
+        assert res[0]["seconds"] < 60  # the whole run: start-up, then 3 s of waiting

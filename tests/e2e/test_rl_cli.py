@@ -1,7 +1,8 @@
 """The RL command end to end on a tiny random policy: a few steps run with finite metrics, the weights
 and the EMA anchor move, the engine stays in parity; a run stopped after each step and restarted
 with the same command reproduces the metrics of an uninterrupted run, and so does a run killed with
-SIGKILL in the middle of its work; the same run under torchrun with TP=2 gives TP=1's first step."""
+SIGKILL in the middle of its work; the same run under torchrun with TP=2 (and an engine per rank,
+each sampling half the prompts) gives TP=1's first step (one engine)."""
 
 from __future__ import annotations
 
@@ -141,7 +142,9 @@ def test_tp2_under_torchrun_matches_tp1(data, full_run, tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     tp2 = _metrics(tmp_path / "tp2" / "r")
     assert sorted(tp2) == [1, 2]
-    # step 1: same rollouts (same engine weights and seed), same loss and gradient up to float error
+    # an engine per rank (LOCAL_WORLD_SIZE=2), each sampling half the prompts; one engine at TP=1
+    assert {m["rollout/engines"] for m in tp2.values()} == {2.0} and full_run[1]["rollout/engines"] == 1.0
+    # step 1: same rollouts (per-prompt seeds, same weights), same loss and gradient up to float error
     for key in KEYS:
         assert tp2[1][key] == pytest.approx(full_run[1][key], rel=1e-4, abs=1e-6), key
     for m in tp2.values():

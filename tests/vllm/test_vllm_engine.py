@@ -39,7 +39,7 @@ def test_generate_n_samples_with_tempered_logprobs(engine, hf_model, tiny_model_
     from transformers import AutoTokenizer
 
     from megatron_t1.data.synthetic import prompt_messages
-    from megatron_t1.rollout.engine import SamplingParams
+    from megatron_t1.rollout.engine import SamplingParams, sample_seed
 
     tok = AutoTokenizer.from_pretrained(str(tiny_model_dir))
     text = tok.apply_chat_template(
@@ -60,7 +60,9 @@ def test_generate_n_samples_with_tempered_logprobs(engine, hf_model, tiny_model_
             worst = max(worst, (ref - torch.tensor(c.logprobs)).abs().max().item())
     # processed_logprobs: the tempered distribution, not the raw one (which differs by ~0.1-1).
     assert worst < 1e-4
-    again = engine.generate([[5, 6, 7, 8, 9, 10]], 4, params)
+    # Alone in its call, with the seed it had as prompt 1: the same samples (seeds are per prompt, so
+    # rollouts dealt to several engines are those of one).
+    again = engine.generate([[5, 6, 7, 8, 9, 10]], 4, params, seeds=[sample_seed(11, 1)])
     assert [c.token_ids for c in again[0].completions] == [c.token_ids for c in out[1].completions]
 
 

@@ -41,3 +41,33 @@ def test_rl_steps_with_the_vllm_engine(data, tmp_path):  # noqa: F811
     assert rows[0]["loss"] != rows[1]["loss"]
     assert (tmp_path / "r" / "hf" / "config.json").is_file()
     assert json.loads((tmp_path / "r" / "rollout_model" / "config.json").read_text())["hidden_size"] == 128
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize(
+    "layout, engines",
+    [
+        # an engine per rank: vLLM's external launcher with 2 data-parallel replicas (gloo on CPU)
+        ({"parallel.tensor_model_parallel_size": 1, "rollout.vllm_tensor_parallel_size": 1}, 2),
+        # one engine over both ranks: Megatron's TP=2 shards into vLLM's own TP=2 slices
+        ({"parallel.tensor_model_parallel_size": 2, "rollout.vllm_tensor_parallel_size": 2}, 1),
+    ],
+    ids=["2_engines_tp1", "1_engine_tp2"],
+)
+def test_rl_under_torchrun_with_colocated_vllm_engines(data, tmp_path, layout, engines):  # noqa: F811
+    import sys
+
+    sets = ["rollout.engine=vllm", "model.hidden_size=128", "model.ffn_hidden_size=256"]
+    sets += [f"{k}={v}" for k, v in layout.items()]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    cmd += _rl_cmd(_config(data, tmp_path), *sets)[1:]
+    r = run_cli(cmd, timeout=500)
+    assert r.returncode == 0, r.stderr[-4000:]
+    metrics = _metrics(tmp_path / "r")
+    assert sorted(metrics) == [1, 2]
+    for m in metrics.values():
+        assert m["rollout/engines"] == engines and m["sync/engines"] == engines
+        assert m["sync/parity_mean_abs"] < 1e-3, m
+        assert m["mismatch_mean"] < 1e-3 and m["mismatch_max"] < 1e-2, m
+        assert m["response_len"] > 0 and m["grad_norm"] > 0
+    assert metrics[1]["loss"] != metrics[2]["loss"]
