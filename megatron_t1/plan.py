@@ -1,9 +1,12 @@
 """Per-GPU memory planner: will a config fit, and if not, what to change.
 
-``python -m megatron_t1 plan --config FILE --gpus-per-node 8 --gpu-mem 80 [--nodes N]`` prints, for
-the worst pipeline stage, the bytes of every resident tensor class in two phases of a colocated T1 run
-and exits 0 when both fit, 3 when one does not (with the single changes of TP, PP, micro-batch,
-recompute, ... that make it fit). Pure Python: no torch, megatron or vllm import.
+``python -m megatron_t1 plan --config FILE [--job slurm/X.sh | --nodes N --gpus-per-node G] --gpu-mem 80``
+prints, for the worst pipeline stage, the bytes of every resident tensor class in the phases of a
+colocated T1 run (train, weight sync, rollout) and exits 0 when all fit, 3 when one does not (with
+the single changes of TP, PP, micro-batch, recompute, ... that make it fit). The job's shape comes
+from ``--nodes`` / ``--gpus-per-node``, else from the ``#SBATCH`` lines of ``--job``, else from the
+Slurm allocation it runs in; failing all three it plans the fewest nodes that hold one model replica
+and says so. Pure Python: no torch, megatron or vllm import.
 
 Sources and the published figures this is checked against (tests/unit/test_plan.py):
 
@@ -44,12 +47,19 @@ Assumptions (each is a line of the printed table, so a wrong one is visible):
 * Anchor (RL only): sharded like the policy (TP/PP), replicated over DP; fp32 when it is an EMA
   (T1: in bf16 the EMA step is below half an ulp), in the policy's precision for resets or a frozen
   anchor; 0 on GPU with ``anchor.offload_to_cpu``.
-* RL is colocated: the rollout phase holds the trainer's weights, grads, optimizer states and anchor
+* RL is colocated, and the phases are the RL loop's (``megatron_t1/train/rl.py`` with
+  ``megatron_t1/rollout/distributed.py``): every GPU hosts a slice of one vLLM engine of
+  ``vllm_tensor_parallel_size`` GPUs, the engines tiling each node (a placement that does not is a
+  problem: the loop refuses it). **Train**: vLLM sleeps (weights offloaded to host memory, or dropped
+  at ``sleep_level: 2``; KV cache freed) and keeps ``VLLM_ASLEEP_GIB`` (CUDA graphs, communicators).
+  **Weight sync**: torch's cache is emptied (the activations' blocks go back to the driver), vLLM's
+  weights wake (bf16, split over its TP) and the export streams the policy through its double-buffered
+  buckets (per slot: the full bucket, its TP-gathered shards and the packed local shards; a bucket is
+  ``rollout.bucket_mb`` or the largest tensor, whichever is larger), which go back to the allocator
+  before the KV cache wakes. **Rollout**: the trainer's weights, grads, optimizer states and anchor stay
   (nothing is offloaded while vLLM generates) plus vLLM's share ``gpu_memory_utilization * gpu_mem``,
-  which vLLM fills with its weights (bf16, split over its TP), ``VLLM_OVERHEAD_GIB`` of activations
-  and CUDA graphs, and the KV cache in the rest. KV per token and GPU: 2 (K, V) * layers *
-  max(1, groups / vllm_tp) * head_dim * 2 B. In the train phase vLLM sleeps (weights offloaded, KV
-  freed) and keeps ``VLLM_ASLEEP_GIB`` (CUDA graphs, communicators).
+  which vLLM fills with its weights, ``VLLM_OVERHEAD_GIB`` of activations and CUDA graphs, and the KV
+  cache in the rest. KV per token and GPU: 2 (K, V) * layers * max(1, groups / vllm_tp) * head_dim * 2 B.
 * ``reserve_gib`` (default 3) covers the CUDA context, NCCL buffers and allocator fragmentation.
   ``--gpu-mem`` is in GiB (an H100 80GB has 79.6 GiB).
 """
@@ -60,6 +70,8 @@ import argparse
 import dataclasses
 import json
 import math
+import os
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Literal
@@ -74,9 +86,9 @@ FUSED_TILE_ELEMENTS = 1 << 24
 """Logits per chunk tile of the RL log-prob / entropy on GPU (``megatron_t1.rl.logprobs``)."""
 
 __all__ = [
-    "GIB", "Item", "Phase", "Plan", "PlanInputs", "add_arguments", "count_parameters", "format_plan",
-    "inputs_from_config", "kv_bytes_per_token", "layer_activation_bytes", "optimizer_bytes_per_param",
-    "plan_memory", "rank_parameters", "run", "suggest",
+    "GIB", "Item", "Phase", "Plan", "PlanInputs", "add_arguments", "count_parameters", "export_buffer_bytes",
+    "format_plan", "inputs_from_config", "job_shape", "kv_bytes_per_token", "layer_activation_bytes",
+    "optimizer_bytes_per_param", "plan_memory", "rank_parameters", "run", "suggest",
 ]  # fmt: skip
 
 
@@ -127,6 +139,7 @@ class PlanInputs:
     vllm_tp: int = 1
     engines_per_node: int = 1
     max_new_tokens: int = 16384
+    bucket_mb: float = 512
     # cluster
     nodes: int = 1
     gpus_per_node: int = 8
@@ -182,6 +195,9 @@ def inputs_from_config(
         mode = "rl" if cfg.rollout.engine == "vllm" else "sft"
     # RL trains one row per kept response (megatron_t1/train/rl.py): prompts x k rows per step.
     rows = cfg.rollout.prompts_per_step * (cfg.rollout.keep or cfg.rollout.n_samples)
+    engines = cfg.rollout.engines_per_node  # None: the loop fills each node
+    if engines is None:
+        engines = max(1, gpus_per_node // cfg.rollout.vllm_tensor_parallel_size)
     return PlanInputs(
         num_layers=m.num_layers, hidden=m.hidden_size, ffn=m.ffn_hidden_size, heads=m.num_attention_heads,
         groups=m.query_groups, head_dim=m.kv_channels or m.hidden_size // m.num_attention_heads,
@@ -195,7 +211,7 @@ def inputs_from_config(
         anchor="ema" if cfg.anchor.ema is not None else "copy", anchor_offload=cfg.anchor.offload_to_cpu,
         fused_output_layer=cfg.loss.fused_output_layer, chunk_size=cfg.loss.chunk_size,
         vllm_util=cfg.rollout.gpu_memory_utilization, vllm_tp=cfg.rollout.vllm_tensor_parallel_size,
-        engines_per_node=cfg.rollout.engines_per_node, max_new_tokens=cfg.rollout.max_new_tokens,
+        engines_per_node=engines, max_new_tokens=cfg.rollout.max_new_tokens, bucket_mb=cfg.rollout.bucket_mb,
         nodes=nodes, gpus_per_node=gpus_per_node, gpu_mem_gib=gpu_mem_gib, reserve_gib=reserve_gib,
     )  # fmt: skip
 
@@ -362,6 +378,22 @@ def logits_bytes(x: PlanInputs) -> tuple[float, str]:
     return 2 * x.elem * tokens * cols + tiles, f"[{tokens} x {int(cols)}] logits + their grad + 3 tiles"
 
 
+def export_buffer_bytes(x: PlanInputs) -> tuple[float, str]:
+    """Bytes of the weight sync's reused export buffers on one GPU (``megatron_t1.mcore.export``): two
+    slots, each the full bucket, the TP-gathered shards (about a full bucket) and this rank's packed
+    shards; a bucket is ``bucket_mb`` or the largest tensor (the padded embedding or the fused fc1)."""
+    largest = (
+        x.elem
+        * x.hidden
+        * max(
+            x.vocab_padded, (2 if x.swiglu else 1) * x.ffn, x.heads * x.head_dim + 2 * x.groups * x.head_dim
+        )
+    )
+    bucket = max(x.bucket_mb * 2**20, largest)
+    total = 2 * bucket * (2 + 1 / x.tp)
+    return total, f"2 slots x (full + gathered + packed/TP) of a {bucket / 2**20:.0f} MiB bucket"
+
+
 def kv_bytes_per_token(x: PlanInputs) -> float:
     """vLLM KV cache bytes per token on one GPU: 2 * layers * max(1, groups/tp) * head_dim * 2 B."""
     groups_per_gpu = max(1.0, x.groups / x.vllm_tp)
@@ -441,10 +473,11 @@ def _layout_problems(x: PlanInputs) -> list[str]:
     if x.mode == "rl":
         if x.heads % x.vllm_tp:
             out.append(f"vLLM TP={x.vllm_tp} does not divide {x.heads} attention heads")
-        if x.engines_per_node * x.vllm_tp > x.gpus_per_node:
+        if x.engines_per_node * x.vllm_tp != x.gpus_per_node:
             out.append(
                 f"rollout.engines_per_node x vllm_tensor_parallel_size = {x.engines_per_node} x {x.vllm_tp}"
-                f" > {x.gpus_per_node} GPUs per node"
+                f" != {x.gpus_per_node} GPUs per node: the engines must tile each node (every GPU takes "
+                "part in rollouts; the RL loop refuses this placement)"
             )
     return out
 
@@ -567,7 +600,16 @@ def plan_memory(x: PlanInputs) -> Plan:
                 ),
             ],
         )
-        plan.phases.append(rollout)
+        sync = Phase(
+            "weight sync",
+            list(resident)
+            + [
+                reserve,
+                Item("vLLM weights", vw, f"bf16 / vLLM TP {x.vllm_tp} (woken; KV cache still asleep)"),
+                Item("export buckets", *export_buffer_bytes(x)),
+            ],
+        )
+        plan.phases.extend([sync, rollout])
         if kv <= 0:
             plan.problems.append(
                 f"vLLM's share ({x.vllm_util:g} x {x.gpu_mem_gib:g} GiB) does not hold its weights "
@@ -582,10 +624,6 @@ def plan_memory(x: PlanInputs) -> Plan:
             plan.notes.append(
                 f"data.seq_length ({x.seq_length}) < rollout.max_new_tokens ({x.max_new_tokens}): a "
                 "full-length response does not fit one packed row"
-            )
-        if x.engines_per_node * x.vllm_tp < x.gpus_per_node:
-            plan.notes.append(
-                f"vLLM engines use {x.engines_per_node * x.vllm_tp} of {x.gpus_per_node} GPUs per node"
             )
     if x.tp > 1 and not x.sp and x.precision == "bf16":
         plan.notes.append("sequence parallelism is off: norm and linear inputs are replicated over TP")
@@ -767,12 +805,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="override a config field, e.g. --set data.micro_batch_size=2 (repeatable)",
     )
     parser.add_argument(
+        "--job",
+        default=None,
+        metavar="SCRIPT",
+        help="a Slurm batch script (e.g. slurm/rl_32b.sh): nodes and GPUs per node from its #SBATCH lines",
+    )
+    parser.add_argument(
         "--nodes",
         type=int,
         default=None,
-        help="nodes of the job (default: the fewest that hold TP x PP GPUs)",
+        help="nodes of the job (default: --job, else the Slurm allocation this runs in, else the fewest "
+        "that hold TP x PP GPUs)",
     )
-    parser.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node (default 8)")
+    parser.add_argument(
+        "--gpus-per-node", type=int, default=None, help="GPUs per node (default: --job, the allocation, or 8)"
+    )
     parser.add_argument(
         "--gpu-mem",
         type=float,
@@ -801,21 +848,63 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print a JSON summary instead of the table")
 
 
+_SBATCH = re.compile(r"^#SBATCH\s+(--nodes|-N|--gpus-per-node)(?:=|\s+)(\S+)", re.M)
+
+
+def job_shape(script: str | None = None, env=None) -> tuple[int | None, int | None, str]:
+    """``(nodes, gpus_per_node, source)`` of the job: from the ``#SBATCH --nodes`` / ``-N`` and
+    ``--gpus-per-node`` lines of ``script`` when given, else from the Slurm allocation in ``env``
+    (``SLURM_JOB_NUM_NODES``, ``SLURM_GPUS_ON_NODE``), else ``(None, None, "")``. A node range
+    (``--nodes=2-4``) plans its lower end; a typed GPU count (``h100:8``) its number."""
+    from megatron_t1.config import ConfigError
+
+    if script is not None:
+        try:
+            text = open(script).read()
+        except OSError as e:
+            raise ConfigError(f"--job {script}: cannot read it ({e.strerror})") from None
+        found = {}
+        for key, value in _SBATCH.findall(text):
+            found["nodes" if key in ("--nodes", "-N") else "gpus"] = value
+        if "nodes" not in found:
+            raise ConfigError(f"--job {script}: no '#SBATCH --nodes=N' line")
+        try:
+            nodes = int(found["nodes"].split("-")[0])
+            gpus = int(found["gpus"].split(":")[-1]) if "gpus" in found else None
+        except ValueError:
+            raise ConfigError(f"--job {script}: cannot read '#SBATCH' values {found}") from None
+        return nodes, gpus, f"from {script}"
+    env = os.environ if env is None else env
+    if env.get("SLURM_JOB_NUM_NODES") or env.get("SLURM_NNODES"):
+        nodes = int(env.get("SLURM_JOB_NUM_NODES") or env["SLURM_NNODES"])
+        gpus = env.get("SLURM_GPUS_ON_NODE")
+        return nodes, int(gpus.split(":")[-1]) if gpus else None, "from the Slurm allocation"
+    return None, None, ""
+
+
 def run(args: argparse.Namespace) -> int:
     """Print the plan; 0 when it fits, 3 when it does not (config errors raise ConfigError)."""
     from megatron_t1.config import load_config
 
     cfg = load_config(args.config, args.overrides)
+    nodes, gpus, where = job_shape(args.job)
+    nodes = args.nodes if args.nodes is not None else nodes
+    gpus = args.gpus_per_node if args.gpus_per_node is not None else (gpus or 8)
     x = inputs_from_config(
         cfg,
-        nodes=args.nodes,
-        gpus_per_node=args.gpus_per_node,
+        nodes=nodes,
+        gpus_per_node=gpus,
         gpu_mem_gib=args.gpu_mem,
         reserve_gib=args.reserve_gib,
         mode=args.mode,
         attention=args.attention,
     )
     plan = plan_memory(x)
+    if args.nodes is not None:
+        where = "--nodes"
+    elif nodes is None:
+        where = "assumed: the fewest that hold TP x PP; give --job or --nodes for the job's real size"
+    plan.notes.insert(0, f"job: {x.nodes} node(s) x {x.gpus_per_node} GPUs ({where})")
     if not plan.fits:
         plan.suggestions = suggest(x)
     if args.json:

@@ -176,11 +176,20 @@ def test_qwen32b_rl_plan_by_hand():
     kv_tok = 2 * L * (8 / 4) * 128 * 2
     assert kv_bytes_per_token(x) == kv_tok == 64 * 1024
     kv_cache = 0.5 * 80 * gib - total_params * 2 / 4 - VLLM_OVERHEAD_GIB * gib
-    rollout = plan.phases[1]
+    assert [ph.name for ph in plan.phases] == ["train", "weight sync", "rollout"]
+    rollout = plan.phases[2]
     assert rollout.get("vLLM KV cache") == pytest.approx(kv_cache)
     assert plan.kv_concurrency == pytest.approx(kv_cache / (kv_tok * s))
     assert rollout.total == pytest.approx(16 * n1 + 3 * gib + 0.5 * 80 * gib)
-    assert plan.fits and plan.peak == max(train.total, rollout.total)
+    # Weight sync: the trainer's resident state, vLLM's woken weights and the export's two slots of
+    # (full + gathered + packed / TP) buckets; the largest tensor (the padded embedding, bf16) makes
+    # the bucket bigger than rollout.bucket_mb = 512 MiB.
+    bucket = max(512 * 2**20, 2 * v_pad * h)
+    assert bucket == 2 * v_pad * h
+    sync = plan.phases[1]
+    assert sync.get("export buckets") == pytest.approx(2 * bucket * (2 + 1 / t))
+    assert sync.total == pytest.approx(16 * n1 + 3 * gib + total_params * 2 / 4 + 2 * bucket * (2 + 1 / t))
+    assert plan.fits and plan.peak == max(train.total, sync.total, rollout.total) == rollout.total
 
 
 def test_every_example_loads_strictly_and_fits_its_cluster():
@@ -293,3 +302,42 @@ def test_planner_and_launcher_need_no_torch_megatron_or_vllm():
     r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["fits"] is True
+
+
+def test_job_shape_from_the_batch_script_and_the_allocation(tmp_path):
+    from megatron_t1.config import ConfigError
+    from megatron_t1.plan import job_shape
+
+    assert job_shape("slurm/rl_32b.sh") == (4, 8, "from slurm/rl_32b.sh")
+    script = tmp_path / "job.sh"
+    script.write_text("#!/bin/bash\n#SBATCH -N 2-3\n#SBATCH --gpus-per-node=h100:4\nsrun x\n")
+    assert job_shape(str(script))[:2] == (2, 4)
+    env = {"SLURM_JOB_NUM_NODES": "16", "SLURM_GPUS_ON_NODE": "8"}
+    assert job_shape(None, env) == (16, 8, "from the Slurm allocation")
+    assert job_shape(None, {}) == (None, None, "")
+    script.write_text("#!/bin/bash\nsrun x\n")
+    with pytest.raises(ConfigError, match="no '#SBATCH --nodes=N' line"):
+        job_shape(str(script))
+    with pytest.raises(ConfigError, match="cannot read it"):
+        job_shape(str(tmp_path / "missing.sh"))
+
+
+def test_cli_takes_the_node_count_from_the_job_or_says_it_assumed_one():
+    base = ("--config", "examples/qwen2.5_32b/rl.yaml", "--gpu-mem", "80", "--json")
+    job = json.loads(_plan_cli(*base, "--job", "slurm/rl_32b.sh").stdout)
+    assert (job["inputs"]["nodes"], job["inputs"]["gpus_per_node"]) == (4, 8)
+    assert job["notes"][0] == "job: 4 node(s) x 8 GPUs (from slurm/rl_32b.sh)"
+    assumed = json.loads(_plan_cli(*base).stdout)
+    assert assumed["inputs"]["nodes"] == 2 and "assumed" in assumed["notes"][0]
+    # the job's 4 nodes give DP=2: the distributed optimizer halves the optimizer states
+    assert job["phases"]["train"]["optimizer states"] < assumed["phases"]["train"]["optimizer states"]
+
+
+def test_rollout_engines_that_do_not_tile_a_node_are_a_problem():
+    x = _shape("examples/glm4_9b/rl.yaml", nodes=1)
+    assert (x.engines_per_node, x.vllm_tp) == (4, 2)
+    bad = plan_memory(dataclasses.replace(x, engines_per_node=3))
+    assert not bad.fits
+    assert any("engines_per_node x vllm_tensor_parallel_size = 3 x 2 != 8" in p for p in bad.problems)
+    cfg = load_config(ROOT / "examples/glm4_9b/rl.yaml", ["rollout.engines_per_node=null"])
+    assert inputs_from_config(cfg, nodes=1, gpus_per_node=8).engines_per_node == 4  # unset: fill the node
