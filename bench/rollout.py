@@ -14,6 +14,15 @@ Prompts: demo arithmetic problems in the chat template. Each engine does one war
 
 ``hf-generate`` is the baseline the HF engine replaced: plain ``model.generate`` (transformers'
 own sampling, no log-prob recording), which decodes every row until the longest one ends.
+
+``--ranks 2`` adds the RL loop's rollout phase over 2 gloo ranks of 1 thread each (the demo's TP=2
+phase): :meth:`megatron_t1.rollout.distributed.DistributedRollout.generate` with one HF engine for
+both ranks (on rank 0) and with an engine per rank (each samples half the prompts), timed from the
+call to the gathered result on every rank, and the share of responses that differ between the two
+(same per-prompt seeds: only float rounding of the batched forward can flip a token).
+
+    .venv/bin/python bench/rollout.py --model runs/demo/sft_hf --prompts 16 --n 8 --max-tokens 384 \
+        --temperature 1.0 --threads 2 --engines hf --ranks 2
 """
 
 from __future__ import annotations
@@ -111,6 +120,81 @@ def _measure(engine, prompts, n, max_tokens, reps, temperature) -> tuple[float, 
     return max(rates), statistics.median(rates), tokens, statistics.median(times)
 
 
+def _dist_worker(rank, world, port, folder, prompts, args, out) -> None:
+    import os
+    import pickle
+    from datetime import timedelta
+
+    import torch
+    import torch.distributed as dist
+
+    from megatron_t1.rollout.distributed import DistributedRollout
+    from megatron_t1.rollout.engine import SamplingParams, sample_seed
+    from megatron_t1.rollout.hf_engine import HFEngine
+    from megatron_t1.rollout.placement import place_engines
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(minutes=30))
+    engine = HFEngine.from_pretrained(folder)
+    seeds = [sample_seed(0, r, i) for r in range(args.reps + 1) for i in range(len(prompts))]
+    res = {}
+    for size in (world, 1):  # ranks per engine: one engine for all ranks, then an engine per rank
+        pl = place_engines(world, world, engines_per_node=None, ranks_per_engine=size)
+        ro = DistributedRollout(
+            pl, rank, engine if pl.is_leader(rank) else None, group=dist.new_group(backend="gloo")
+        )
+        times, outs = [], []
+        for r in range(args.reps + 1):  # the first call warms up
+            params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
+            dist.barrier()
+            t = time.perf_counter()
+            o = ro.generate(prompts, args.n, params, seeds=seeds[r * len(prompts) : (r + 1) * len(prompts)])
+            times.append(time.perf_counter() - t)
+            outs.append([[c.token_ids for c in g.completions] for g in o])
+        res[pl.num_engines] = (times[1:], outs[1:], ro.stats)
+    if rank == 0:
+        with open(out, "wb") as f:
+            pickle.dump(res, f)
+    dist.destroy_process_group()
+
+
+def _distributed(folder, prompts, args) -> list[str]:
+    import pickle
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sk:
+        sk.bind(("127.0.0.1", 0))
+        port = sk.getsockname()[1]
+    with tempfile.NamedTemporaryFile(suffix=".pkl") as f:
+        mp.start_processes(
+            _dist_worker, args=(args.ranks, port, folder, prompts, args, f.name), nprocs=args.ranks,
+            start_method="spawn",
+        )  # fmt: skip
+        res = pickle.loads(open(f.name, "rb").read())
+    lines = [
+        f"rollout phase over {args.ranks} gloo ranks, 1 thread each (DistributedRollout.generate + gather)",
+        "| engines | phase s (median) | tokens/s | tokens per call |",
+        "|---:|---:|---:|---:|",
+    ]
+    for engines, (times, _, stats) in sorted(res.items()):
+        sec = statistics.median(times)
+        tokens = stats["rollout/tokens"]
+        lines.append(f"| {engines} | {sec:.2f} | {tokens / sec:.0f} | {tokens:.0f} |")
+    one, many = res[1][1], res[args.ranks][1]
+    rows = [
+        (a, b) for call_a, call_b in zip(one, many) for pa, pb in zip(call_a, call_b) for a, b in zip(pa, pb)
+    ]
+    differ = sum(a != b for a, b in rows)
+    tok = sum(len(a) for a, _ in rows)
+    lines.append(
+        f"responses that differ between 1 and {args.ranks} engines: {differ} of {len(rows)} ({tok} tokens)"
+    )
+    return lines
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prompts", type=int, default=8)
@@ -121,6 +205,12 @@ def main() -> None:
     ap.add_argument("--engines", nargs="+", default=["hf", "vllm"], help="hf, hf-generate, vllm")
     ap.add_argument("--temperature", type=float, default=1.2)
     ap.add_argument("--model", default=None, help="an HF folder with its tokenizer (default: a random model)")
+    ap.add_argument(
+        "--ranks",
+        type=int,
+        default=0,
+        help="also time the RL rollout phase over this many gloo ranks, 1 vs N engines",
+    )
     args = ap.parse_args()
 
     import torch
@@ -153,6 +243,7 @@ def main() -> None:
             )
             engine.close()
             rows.append((name, start, best, med, tokens, sec))
+        dist_lines = _distributed(folder, prompts, args) if args.ranks > 1 else []
     print(
         f"{args.prompts} prompts x K={args.n} samples, <= {args.max_tokens} new tokens, temperature "
         f"{args.temperature}, {args.reps} reps, torch threads {args.threads}, model {args.model or 'random'}"
@@ -164,6 +255,8 @@ def main() -> None:
             print(f"| {name} | not installed | | | | |")
         else:
             print(f"| {name} | {start:.1f} | {best:.0f} | {med:.0f} | {tokens} | {sec:.2f} |")
+    for line in dist_lines:
+        print(line)
 
 
 if __name__ == "__main__":

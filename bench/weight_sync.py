@@ -1,7 +1,9 @@
-"""Weight sync throughput: Megatron TP=2 (2 gloo ranks on CPU) -> HF-named buckets -> HF engine.
+"""Weight sync throughput: Megatron TP=2 (2 gloo ranks on CPU) -> HF-named buckets -> HF engine(s).
 
 Model: a Qwen2-style decoder of ~1.08 GB in fp32 (hidden 1024, 18 layers, GQA 16/4 heads, FFN 2816,
-vocab 32768, untied head). Rank 0 holds the rollout engine (transformers, CPU).
+vocab 32768, untied head). ``--engines 1``: rank 0 holds the rollout engine (transformers, CPU);
+``--engines 2``: each rank holds one (the RL loop's placement on 2 ranks), both filled by the same
+stream, so a sync moves the model into 2 engines.
 
 Measured per bucket size, best and median of ``--reps`` runs after one warm-up each:
 
@@ -13,7 +15,7 @@ Measured per bucket size, best and median of ``--reps`` runs after one warm-up e
 
 ratio = sync GB/s / raw GB/s (target >= 0.5).
 
-    python bench/weight_sync.py [--buckets 64 512] [--reps 3]
+    python bench/weight_sync.py [--buckets 64 512] [--reps 3] [--engines 1 2]
 """
 
 from __future__ import annotations
@@ -65,7 +67,9 @@ def _raw_all_gather(bufs) -> None:
         dist.all_gather_into_tensor(dst, src)
 
 
-def _worker(rank: int, world: int, port: int, buckets: list[float], reps: int, out: str) -> None:
+def _worker(
+    rank: int, world: int, port: int, buckets: list[float], reps: int, engines: list[int], out: str
+) -> None:
     import torch
 
     torch.set_num_threads(1)
@@ -79,7 +83,7 @@ def _worker(rank: int, world: int, port: int, buckets: list[float], reps: int, o
     init_parallel(cfg.parallel, seed=0, device="cpu")
     chunks = build_model(cfg, wrap_ddp=False)
     engine = None
-    if rank == 0:
+    if rank == 0 or max(engines) > 1:
         from transformers import Qwen2Config, Qwen2ForCausalLM
 
         from megatron_t1.convert.qwen2 import hf_config
@@ -90,40 +94,44 @@ def _worker(rank: int, world: int, port: int, buckets: list[float], reps: int, o
 
         engine = HFEngine(Qwen2ForCausalLM(Qwen2Config(**hf_config(cfg.model, "float32"))), _NoTokenizer())
     rows = []
-    for mb in buckets:
-        # As WeightSync does: the export's buffers persist from one sync to the next.
-        sync = partial(
-            push_weights,
-            engine,
-            chunks,
-            cfg,
-            bucket_mb=mb,
-            include_tied_lm_head=False,
-            buffers=ExportBuffers(),
-        )
-        nbytes = sync()[1]  # warm-up (first touch of every buffer) and the byte count
-        sync_t = [_timed(sync) for _ in range(reps)]
-        # The same output bytes through raw all_gathers of bucket size (each rank sends 1/world).
-        total = nbytes // 4
-        per = max(1, int(mb * 2**20) // 4 // world)
-        sizes = [min(per, total // world - s) for s in range(0, total // world, per)]
-        bufs = [(torch.randn(n), torch.empty(world * n)) for n in sizes]
-        raw = partial(_raw_all_gather, bufs)
-        raw()
-        raw_t = [_timed(raw) for _ in range(reps)]
-        bufs.clear()
-        rows.append((mb, nbytes, sync_t, raw_t))
+    for n_engines in engines:
+        mine = engine if rank < n_engines else None
+        for mb in buckets:
+            # As WeightSync does: the export's buffers persist from one sync to the next.
+            sync = partial(
+                push_weights,
+                mine,
+                chunks,
+                cfg,
+                bucket_mb=mb,
+                include_tied_lm_head=False,
+                buffers=ExportBuffers(),
+            )
+            nbytes = sync()[1]  # warm-up (first touch of every buffer) and the byte count
+            sync_t = [_timed(sync) for _ in range(reps)]
+            # The same output bytes through raw all_gathers of bucket size (each rank sends 1/world).
+            total = nbytes // 4
+            per = max(1, int(mb * 2**20) // 4 // world)
+            sizes = [min(per, total // world - s) for s in range(0, total // world, per)]
+            bufs = [(torch.randn(n), torch.empty(world * n)) for n in sizes]
+            raw = partial(_raw_all_gather, bufs)
+            raw()
+            raw_t = [_timed(raw) for _ in range(reps)]
+            bufs.clear()
+            rows.append((n_engines, mb, nbytes, sync_t, raw_t))
     if rank == 0:
-        gb = rows[0][1] / 1e9
+        gb = rows[0][2] / 1e9
         lines = [
-            f"model: {gb:.2f} GB of HF tensors (fp32), TP=2 on 2 gloo ranks, engine on rank 0, {reps} reps",
-            "| bucket MB | sync s (best / median) | sync GB/s | raw all_gather s | raw GB/s | ratio |",
-            "|---:|---:|---:|---:|---:|---:|",
+            f"model: {gb:.2f} GB of HF tensors (fp32), TP=2 on 2 gloo ranks, {reps} reps",
+            "| engines | bucket MB | sync s (best / median) | sync GB/s | raw all_gather s | raw GB/s "
+            "| ratio |",
+            "|---:|---:|---:|---:|---:|---:|---:|",
         ]
-        for mb, nb, st, rt in rows:
+        for n_engines, mb, nb, st, rt in rows:
             s_best, r_best = min(st), min(rt)
             lines.append(
-                f"| {mb:g} | {s_best:.2f} / {statistics.median(st):.2f} | {nb / s_best / 1e9:.3f} | "
+                f"| {n_engines} | {mb:g} | {s_best:.2f} / {statistics.median(st):.2f} | "
+                f"{nb / s_best / 1e9:.3f} | "
                 f"{r_best:.2f} / {statistics.median(rt):.2f} | {nb / r_best / 1e9:.3f} | "
                 f"{r_best / s_best:.2f} |"
             )
@@ -142,13 +150,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--buckets", type=float, nargs="+", default=[64, 512], help="bucket sizes in MB")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--engines", type=int, nargs="+", default=[1, 2], choices=[1, 2], help="engines filled")
     args = ap.parse_args()
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.NamedTemporaryFile(suffix=".md") as f:
         mp.start_processes(
-            _worker, args=(2, port, args.buckets, args.reps, f.name), nprocs=2, start_method="spawn"
+            _worker,
+            args=(2, port, args.buckets, args.reps, args.engines, f.name),
+            nprocs=2,
+            start_method="spawn",
         )
 
 
