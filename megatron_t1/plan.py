@@ -586,27 +586,19 @@ def plan_memory(x: PlanInputs) -> Plan:
         per_tok = kv_bytes_per_token(x)
         max_len = x.seq_length
         plan.kv_concurrency = max(0.0, kv) / (per_tok * max_len)
+        # Both phases after training: the trainer's resident state and vLLM's woken weights.
+        awake = list(resident) + [reserve, Item("vLLM weights", vw, f"bf16 / vLLM TP {x.vllm_tp}")]
+        sync = Phase("weight sync", awake + [Item("export buckets", *export_buffer_bytes(x))])
         rollout = Phase(
             "rollout",
-            list(resident)
+            awake
             + [
-                reserve,
-                Item("vLLM weights", vw, f"bf16 / vLLM TP {x.vllm_tp}"),
                 Item("vLLM activations, graphs", VLLM_OVERHEAD_GIB * GIB, "assumed (profiling peak)"),
                 Item(
                     "vLLM KV cache",
                     max(0.0, kv),
                     f"{per_tok / 1024:.0f} KiB/token: {plan.kv_concurrency:.1f} x {max_len}-token sequences",
                 ),
-            ],
-        )
-        sync = Phase(
-            "weight sync",
-            list(resident)
-            + [
-                reserve,
-                Item("vLLM weights", vw, f"bf16 / vLLM TP {x.vllm_tp} (woken; KV cache still asleep)"),
-                Item("export buckets", *export_buffer_bytes(x)),
             ],
         )
         plan.phases.extend([sync, rollout])

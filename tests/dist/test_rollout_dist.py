@@ -18,23 +18,11 @@ from pathlib import Path
 import pytest
 
 from tests.dist.harness import run_ranks
+from tests.e2e.test_rl_cli import data  # noqa: F401  (a fixture: the tokenizer and 16 prompts)
 
 pytestmark = [pytest.mark.dist, pytest.mark.slow]
 
 PROMPTS = [[5, 9, 11], list(range(30, 52)), [7, 8, 9, 10], list(range(100, 112)), [3, 4], [60, 61, 62]]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    from megatron_t1.data.io import write_jsonl_atomic
-    from megatron_t1.data.synthetic import make_problems, make_sft_examples
-    from megatron_t1.data.tokenizer import chat_corpus, train_tokenizer
-
-    d = tmp_path_factory.mktemp("rolldata")
-    train_tokenizer(chat_corpus(make_sft_examples(200, seed=5)), 512, d / "tok")
-    rows = [{"question": p.question, "answer": p.answer} for p in make_problems(16, seed=5, split="train")]
-    write_jsonl_atomic(d / "prompts.jsonl", rows)
-    return d
 
 
 def _tiny_hf(tok_dir: str):
@@ -82,7 +70,7 @@ def _key(gens):
     return [[(c.token_ids, c.finish_reason, c.text) for c in g.completions] for g in gens]
 
 
-def test_each_rank_samples_half_and_the_gather_is_engine_count_independent(data):
+def test_each_rank_samples_half_and_the_gather_is_engine_count_independent(data):  # noqa: F811
     import pytest as _pytest
 
     res = run_ranks(_generate_worker, 2, args=(str(data / "tok"),), timeout=180)
@@ -142,7 +130,7 @@ def _rl_worker(rank, world, data, out):
     return True
 
 
-def test_rl_loop_with_an_engine_per_rank_equals_one_engine(data, tmp_path):
+def test_rl_loop_with_an_engine_per_rank_equals_one_engine(data, tmp_path):  # noqa: F811
     run_ranks(_rl_worker, 2, args=(str(data), str(tmp_path)), timeout=400)
     m = {name: _metrics(tmp_path / name) for name in ("two", "one", "tp2")}
     for name, engines in (("two", 2), ("one", 1), ("tp2", 2)):
@@ -190,7 +178,7 @@ def _fault_worker(rank, world, data, out, fault):
 
 
 @pytest.mark.parametrize("fault", ["raise", "hang"])
-def test_an_engine_failing_on_rank_1_stops_both_ranks_naming_it(data, tmp_path, fault):
+def test_an_engine_failing_on_rank_1_stops_both_ranks_naming_it(data, tmp_path, fault):  # noqa: F811
     res = run_ranks(_fault_worker, 2, args=(str(data), str(tmp_path), fault), timeout=240)
     for rank, r in enumerate(res):
         assert r["error"] is not None, f"rank {rank} ended without an error"

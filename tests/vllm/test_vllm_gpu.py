@@ -9,8 +9,8 @@ import torch
 
 pytest.importorskip("vllm", reason="vLLM is not installed")
 
-from tests.e2e.proc import run_cli  # noqa: E402
-from tests.e2e.test_rl_cli import _config, _metrics, _rl_cmd, data  # noqa: E402, F401  (data: a fixture)
+from tests.e2e.test_rl_cli import data  # noqa: E402, F401  (a fixture)
+from tests.vllm.test_vllm_rl import torchrun_vllm_rl  # noqa: E402
 
 pytestmark = pytest.mark.gpu
 
@@ -56,17 +56,9 @@ def test_rl_with_two_colocated_engines_on_two_gpus_sleeps_and_wakes(data, tmp_pa
     """torchrun over 2 GPUs: an engine per GPU (vLLM external launcher, 2 data-parallel replicas), each
     asleep while the trainer runs (the memory it gives back is logged), woken by the weight sync and
     the rollout, in parity after every step."""
-    import sys
-
     if torch.cuda.device_count() < 2:
         pytest.skip("needs 2 GPUs")
-    sets = ["rollout.engine=vllm", "model.hidden_size=128", "model.ffn_hidden_size=256", "run.device=cuda"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    cmd += _rl_cmd(_config(data, tmp_path), *sets)[1:]
-    r = run_cli(cmd, timeout=900)
-    assert r.returncode == 0, r.stderr[-4000:]
-    metrics = _metrics(tmp_path / "r")
-    assert sorted(metrics) == [1, 2]
+    metrics = torchrun_vllm_rl(data, tmp_path, "run.device=cuda", timeout=900)
     for m in metrics.values():
         assert m["rollout/engines"] == 2 and m["sync/parity_mean_abs"] < 1e-2, m
         assert m["rollout/gpu_freed_gib"] > 0.1, m  # the KV cache went back to the trainer

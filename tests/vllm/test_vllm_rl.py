@@ -43,6 +43,19 @@ def test_rl_steps_with_the_vllm_engine(data, tmp_path):  # noqa: F811
     assert json.loads((tmp_path / "r" / "rollout_model" / "config.json").read_text())["hidden_size"] == 128
 
 
+def torchrun_vllm_rl(data_dir, tmp_path, *sets: str, timeout: float) -> dict[int, dict]:
+    """Two RL steps with vLLM engines under torchrun on 2 ranks; the metrics of each step."""
+    import sys
+
+    sets = ("rollout.engine=vllm", "model.hidden_size=128", "model.ffn_hidden_size=256", *sets)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    r = run_cli(cmd + _rl_cmd(_config(data_dir, tmp_path), *sets)[1:], timeout=timeout)
+    assert r.returncode == 0, r.stderr[-4000:]
+    metrics = _metrics(tmp_path / "r")
+    assert sorted(metrics) == [1, 2]
+    return metrics
+
+
 @pytest.mark.dist
 @pytest.mark.parametrize(
     "layout, engines",
@@ -55,16 +68,7 @@ def test_rl_steps_with_the_vllm_engine(data, tmp_path):  # noqa: F811
     ids=["2_engines_tp1", "1_engine_tp2"],
 )
 def test_rl_under_torchrun_with_colocated_vllm_engines(data, tmp_path, layout, engines):  # noqa: F811
-    import sys
-
-    sets = ["rollout.engine=vllm", "model.hidden_size=128", "model.ffn_hidden_size=256"]
-    sets += [f"{k}={v}" for k, v in layout.items()]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
-    cmd += _rl_cmd(_config(data, tmp_path), *sets)[1:]
-    r = run_cli(cmd, timeout=500)
-    assert r.returncode == 0, r.stderr[-4000:]
-    metrics = _metrics(tmp_path / "r")
-    assert sorted(metrics) == [1, 2]
+    metrics = torchrun_vllm_rl(data, tmp_path, *[f"{k}={v}" for k, v in layout.items()], timeout=500)
     for m in metrics.values():
         assert m["rollout/engines"] == engines and m["sync/engines"] == engines
         assert m["sync/parity_mean_abs"] < 1e-3, m
