@@ -163,6 +163,16 @@ def _worker(rank, world):
     except ParityError as e:
         res["broken_sync"] = str(e)
     res["parity_resync"] = sync(engine, chunks).parity_mean_abs
+    # An engine on each rank, rank 1's dropping every update: the error names engine 1 alone, on both
+    # ranks, and the per-engine table has both.
+    mine = engine if rank == 0 else Dropping(_hf_engine(cfg, tokenizer))
+    units = [(f"engine {rank} (rank {rank})", mine)]
+    try:
+        sync(mine, chunks, units=units)
+        res["named"] = "no error"
+    except ParityError as e:
+        res["named"] = str(e)
+    res["per_engine"] = sorted(sync(mine, chunks, units=units, check=False).per_engine)
 
     # -- PP=2, untied head -------------------------------------------------------------------------
     cfg = _cfg(1, 2, tied=False)
@@ -192,6 +202,9 @@ def test_weight_sync_tp2_pp2_into_hf_engine():
         assert r["pp_parity_after"] < 1e-5
         assert r["parity_resync"] < 1e-5
         assert "broke parity" in r["broken_sync"] and "parity_threshold" in r["broken_sync"]
+        assert "parity on 1 of 2 rollout engine(s) (engine 1 (rank 1): mean" in r["named"], r["named"]
+        assert "engine 0" not in r["named"]
+        assert r["per_engine"] == ["engine 0 (rank 0)", "engine 1 (rank 1)"]
     # Tied: embed + 2 x (2 norms, q/k/v weight + bias, o, gate, up, down = 12) + norm + tied lm_head.
     assert r0["loaded"] == 1 + 2 * 12 + 1 + 1 and r1["loaded"] == 0
     assert r0["pp_loaded"] == 1 + 2 * 12 + 1 + 1  # untied: lm_head is a tensor of its own
