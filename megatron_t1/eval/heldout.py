@@ -37,9 +37,9 @@ def pass_at_1(correct: list[list[float]]) -> tuple[float, float]:
     return m, math.sqrt(var / len(means))
 
 
-def heldout_prompts(tokenizer, problems: list) -> list[str]:
-    """The chat-templated prompt of every problem (objects with .question): the RL loop's template
-    with the ``\\boxed{}`` instruction."""
+def problem_prompts(tokenizer, problems: list) -> list[str]:
+    """The chat-templated prompt of every problem (objects with .question): the template of RL
+    rollouts and held-out evaluation, with the ``\\boxed{}`` instruction."""
     from megatron_t1.data.synthetic import prompt_messages
 
     return [
@@ -103,7 +103,7 @@ def evaluate_engine(
     """
     from megatron_t1.rollout.engine import SamplingParams
 
-    texts = heldout_prompts(engine.tokenizer, problems)
+    texts = problem_prompts(engine.tokenizer, problems)
     params = SamplingParams(temperature=temperature, max_tokens=max_new_tokens, seed=seed)
     return score_heldout(problems, engine.generate(texts, n, params), reward_config=reward_config)
 

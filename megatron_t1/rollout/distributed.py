@@ -25,7 +25,6 @@ from __future__ import annotations
 import array
 import datetime
 import json
-import os
 import shutil
 import socket
 import time
@@ -250,12 +249,14 @@ class DistributedRollout:
     def evaluate(self, problems: list, cfg: Config, tokenizer) -> dict[str, float]:
         """Held-out accuracy of the synced engines (``cfg.eval``): the problems are dealt to the
         engines like a step's prompts, scored on rank 0, the result returned on every rank."""
-        from megatron_t1.eval.heldout import heldout_prompts, score_heldout
+        from megatron_t1.eval.heldout import problem_prompts, score_heldout
 
         e = cfg.eval
         params = SamplingParams(temperature=e.temperature, max_tokens=e.max_new_tokens)
         seeds = [sample_seed(cfg.run.seed, -1, i) for i in range(len(problems))]  # -1: not a train step
-        gens = self.generate(heldout_prompts(tokenizer, problems), e.n_samples, params, seeds=seeds)
+        step_stats = self.stats  # the step's rollout numbers stay what the step logs
+        gens = self.generate(problem_prompts(tokenizer, problems), e.n_samples, params, seeds=seeds)
+        self.stats = step_stats
         res = None
         if self.rank == 0:
             r = score_heldout(problems, gens, reward_config=cfg.reward)
@@ -357,7 +358,6 @@ def _vllm_engine(cfg: Config, tokenizer, device: torch.device, run_dir: Path, *,
         tensor_parallel_size=ro.vllm_tensor_parallel_size,
         gpu_memory_utilization=ro.gpu_memory_utilization,
         max_model_len=cfg.data.seq_length,
-        colocated=int(os.environ.get("WORLD_SIZE", "1")) > 1,
-        load_format="dummy",
+        load_format="dummy",  # colocated (external launcher) when torchrun started more than one rank
         **extra,
     )

@@ -54,7 +54,7 @@ from megatron_t1.rollout.engine import (
     check_prompts,
     prompt_seeds,
 )
-from megatron_t1.rollout.placement import deal, merge
+from megatron_t1.rollout.placement import deal, merge, place_engines
 
 
 def vllm_env(*, in_process: bool, cpu: bool, kv_cache_gib: int = 1) -> None:
@@ -194,13 +194,14 @@ class VLLMEngine:
         if mode == "server":
             return VLLMServerEngine(**kwargs)
         local = os.environ.get("LOCAL_WORLD_SIZE")
-        tp = rollout_cfg.vllm_tensor_parallel_size
-        if torch.cuda.is_available() and local and rollout_cfg.engines_per_node * tp != int(local):
-            # Colocated: the engines of a node must tile its GPUs (one training rank per GPU).
-            raise ValueError(
-                f"rollout.engines_per_node={rollout_cfg.engines_per_node} x "
-                f"rollout.vllm_tensor_parallel_size={tp} must equal the GPUs per node ({local})"
-            )
+        if torch.cuda.is_available() and local:
+            # Colocated: the engines of a node must tile its GPUs (one training rank per GPU); the RL
+            # loop's placement check (a ConfigError naming both fields and the node size).
+            place_engines(
+                int(os.environ.get("WORLD_SIZE", local)), int(local),
+                engines_per_node=rollout_cfg.engines_per_node,
+                ranks_per_engine=rollout_cfg.vllm_tensor_parallel_size,
+            )  # fmt: skip
         return cls.launch(
             model_dir,
             tokenizer_dir=tokenizer_dir,

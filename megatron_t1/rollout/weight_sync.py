@@ -204,7 +204,11 @@ def parity_probe(
     """``(mean, max)`` of ``|log p_engine - log p_policy|`` of the worst engine over the ranks of
     ``group`` that hold one (0 where none does); see :func:`parity_by_engine`."""
     units = [] if engine is None else [("engine", engine)]
-    per = parity_by_engine(units, model_chunks, cfg, sequences, group=group)
+    return _worst(parity_by_engine(units, model_chunks, cfg, sequences, group=group))
+
+
+def _worst(per: dict[str, tuple[float, float]]) -> tuple[float, float]:
+    """The largest mean and the largest max over the engines (0 without any)."""
     return max((m for m, _ in per.values()), default=0.0), max((w for _, w in per.values()), default=0.0)
 
 
@@ -271,8 +275,7 @@ class WeightSync:
             units = [] if engine is None else [("rollout engine", engine)]
         start = time.perf_counter()
         per = parity_by_engine(units, model_chunks, self.cfg, self.probe, group=self.group)
-        mean = max((m for m, _ in per.values()), default=0.0)
-        worst = max((w for _, w in per.values()), default=0.0)
+        mean, worst = _worst(per)
         result = SyncResult(seconds, nbytes, loaded, time.perf_counter() - start, mean, worst, per)
         bad = {name: v for name, v in per.items() if not v[0] <= self.threshold}
         if check and bad:

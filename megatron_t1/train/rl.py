@@ -39,7 +39,7 @@ import torch.distributed as dist
 from megatron_t1.config import Config, ConfigError, save_config
 from megatron_t1.data.prompts import load_prompts, step_prompts
 from megatron_t1.data.rl_batch import collate_rl_rank, plan_rl_packing, rl_documents
-from megatron_t1.data.synthetic import prompt_messages
+from megatron_t1.eval.heldout import problem_prompts
 from megatron_t1.log import RunLogger
 from megatron_t1.mcore.anchor_store import AnchorStore
 from megatron_t1.mcore.checkpoint import (
@@ -223,10 +223,7 @@ def run_rl(cfg: Config) -> dict:
         # -- rollout ------------------------------------------------------------------------------
         t = time.perf_counter()
         items = step_prompts(prompts, step, ro.prompts_per_step, cfg.data.seed)
-        texts = [
-            tok.apply_chat_template(prompt_messages(it.question), tokenize=False, add_generation_prompt=True)
-            for it in items
-        ]
+        texts = problem_prompts(tok, items)
         seeds = [sample_seed(cfg.run.seed, step, i) for i in range(len(items))]
         gens = rollout.generate(texts, ro.n_samples, SamplingParams.from_config(ro), seeds=seeds)
         rollout.sleep()  # colocated vLLM on GPU: free its memory for training

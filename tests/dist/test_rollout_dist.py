@@ -4,8 +4,8 @@
   sampler log-probs, finish reasons) equal those of one engine on the same two ranks and of a plain
   single-process generate.
 * The RL loop with one engine per rank (DP=2, and a TP=2 trainer) gives step 1 exactly as the loop
-  with one engine for both ranks: same rewards, loss and KL; two steps with finite metrics and every
-  engine in parity.
+  with one engine for both ranks: same rewards, loss, KL and held-out evaluation (dealt over the
+  engines too); two steps with finite metrics and every engine in parity.
 * An engine that raises on rank 1 only ends both ranks with an error naming rank 1; one that hangs is
   named by rank 0 after ``rollout.timeout_minutes`` and no rank waits forever.
 """
@@ -106,7 +106,8 @@ def _cfg(data: str, out: str, name: str, *extra: str):
             "rollout.prompts_per_step=4", "rollout.n_samples=4", "rollout.max_new_tokens=24",
             "rollout.temperature=1.2", "reward.num_workers=1", "loss.entropy_coef=0.01", "anchor.ema=0.9",
             f"run.name={name}", f"run.output_dir={out}", "run.train_steps=2", "run.device=cpu",
-            "log.progress_bar=false", "log.tensorboard=false", *extra,
+            "log.progress_bar=false", "log.tensorboard=false", f"eval.heldout_path={data}/prompts.jsonl",
+            "eval.heldout_size=4", "eval.eval_every=1", "eval.eval_at_start=false", "eval.max_new_tokens=8", *extra,
         ],
     )  # fmt: skip
 
@@ -141,9 +142,12 @@ def test_rl_loop_with_an_engine_per_rank_equals_one_engine(data, tmp_path):  # n
             for key in ("loss", "reward_mean", "kl_anchor", "m/entropy", "grad_norm", "mismatch_mean"):
                 assert row[key] == row[key] and abs(row[key]) < 1e6, (name, key)  # finite
             assert row["sync/bytes"] > 0 and row["sync/gb_per_s"] > 0
+            # the step's rollout numbers, not those of the held-out evaluation that followed it
+            assert row["rollout/tokens"] == pytest.approx(row["response_len"] * 4 * 4), (name, row)
     # Same rollouts whatever the number of engines: step 1 is the same step (and so is step 2 at DP=2).
     for step in (1, 2):
-        for key in ("reward_mean", "accuracy", "penalty_rate", "response_len", "loss", "kl_anchor"):
+        for key in ("reward_mean", "accuracy", "penalty_rate", "response_len", "loss", "kl_anchor",
+                    "heldout_accuracy", "heldout_len"):  # fmt: skip
             assert m["two"][step][key] == m["one"][step][key], (step, key)
     for key in ("reward_mean", "response_len", "truncated_rate"):
         assert m["tp2"][1][key] == m["two"][1][key], key
