@@ -209,6 +209,12 @@ class DataConfig:
     """Packed rows per micro-batch per DP rank."""
     global_batch_size: int = 8
     """Packed rows per optimizer step over all DP ranks (micro x DP x accumulation steps)."""
+    packing: Literal["auto", "thd", "mask"] = "auto"
+    """How packed documents are kept apart in attention: ``thd`` lays a micro-batch's rows end to end
+    with ``cu_seqlens`` offsets (TransformerEngine's varlen attention, our SDPA core attention; a few
+    bytes per token); ``mask`` builds a dense [S, S] block-diagonal mask per row (B*S*S bytes; the only
+    layout of ``model.core_attention=megatron``); ``auto`` picks thd unless the attention needs the
+    mask. A layout the attention cannot honour is an error (TE: thd only)."""
     seed: int = 1234
     """Shuffle seed; the order is a pure function of (seed, epoch)."""
 
@@ -473,8 +479,11 @@ class Config:
             )
         if m.num_layers < stages:
             raise ConfigError(f"model.num_layers ({m.num_layers}) < pipeline stages ({stages})")
-        if p.sequence_parallel and self.run.device == "cpu":
-            raise ConfigError("parallel.sequence_parallel is GPU only (run.device is cpu)")
+        if p.sequence_parallel and self.data.seq_length % tp:
+            raise ConfigError(
+                f"data.seq_length ({self.data.seq_length}) must be divisible by "
+                f"parallel.tensor_model_parallel_size ({tp}) with parallel.sequence_parallel"
+            )
         if world_size is not None:
             dp = p.data_parallel_size(world_size)
             d = self.data

@@ -2,9 +2,16 @@
 
 Several tokenised documents share one row of ``seq_len`` tokens. Inside a row, document ``d``
 occupies a contiguous slice; its positions restart at 0 and its tokens may attend only to earlier
-tokens of the same document. The CPU Megatron attention takes a dense mask, not packed THD
-sequences, so a row carries ``segment_ids`` and :func:`block_diagonal_causal_mask` builds the
-``[B, 1, S, S]`` boolean mask with Megatron's convention (True = masked out).
+tokens of the same document. Two layouts say so to the attention (``layout``):
+
+- ``"thd"`` (default): the B rows of a micro-batch are laid end to end as one packed sequence
+  ``[1, B*S]`` described by ``cu_seqlens`` (int32 offsets of every document, tail padding included,
+  Megatron's ``PackedSeqParams``) and ``max_seqlen``: TransformerEngine's and flash-attention's varlen
+  kernels and our SDPA core attention (one causal block per document) read it. Memory: a few bytes
+  per token, never an [S, S] tensor.
+- ``"mask"``: ``[B, S]`` rows with the dense ``[B, 1, S, S]`` boolean block-diagonal causal mask
+  (Megatron's convention, True = masked out; :func:`block_diagonal_causal_mask`). B*S*S bytes: 300 MB
+  for one 17,408-token row. Only Megatron's own unfused ``DotProductAttention`` needs it.
 
 Placement is best-fit in input order (each document goes to the open row with the least room that
 still fits it; a new row if none does): deterministic, close to optimal for short documents, and
@@ -144,8 +151,46 @@ def block_diagonal_causal_mask(segment_ids: torch.Tensor) -> torch.Tensor:
     return ~(same & causal).unsqueeze(1)
 
 
+LAYOUTS = ("thd", "mask")
+
+
+def cu_seqlens_from_segments(segment_ids: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``(cu_seqlens, max_seqlen)`` of rows laid end to end, from their ``[B, S]`` segment ids.
+
+    A segment is a run of equal ids inside a row (a row's end always closes one), so document and
+    tail-padding boundaries both become offsets. ``cu_seqlens`` is int32 ``[n_segments + 1]``, from 0
+    to B*S; ``max_seqlen`` the longest segment (a Python int, as TransformerEngine wants it).
+    """
+    if segment_ids.dim() != 2:
+        raise ValueError(f"segment_ids must be [B, S], got {tuple(segment_ids.shape)}")
+    b, s = segment_ids.shape
+    starts = torch.ones(b, s, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    offsets = torch.nonzero(starts.reshape(-1)).squeeze(-1)
+    cu = torch.cat([offsets, torch.tensor([b * s])]).to(torch.int32)
+    return cu, int((cu[1:] - cu[:-1]).max())
+
+
+def flatten_rows(batch: dict[str, torch.Tensor], names: Sequence[str]) -> None:
+    """View the ``[B, S]`` tensors ``names`` of ``batch`` as ``[1, B*S]`` (the THD micro-batch), in place."""
+    for k in names:
+        batch[k] = batch[k].reshape(1, -1)
+
+
+def schedule_shape(layout: str, seq_length: int, micro_batch_size: int) -> tuple[int, int]:
+    """(sequence length, micro-batch size) Megatron's schedule sees for a micro-batch of ``layout``:
+    THD lays the rows end to end, so [1, B*S]."""
+    check_layout(layout)
+    return (seq_length * micro_batch_size, 1) if layout == "thd" else (seq_length, micro_batch_size)
+
+
+def check_layout(layout: str) -> None:
+    if layout not in LAYOUTS:
+        raise ValueError(f"packed layout {layout!r}: expected one of {LAYOUTS}")
+
+
 def collate_packed(
-    rows: Sequence[PackedSeq], *, ignore_index: int = IGNORE_INDEX, attention_mask: bool = True
+    rows: Sequence[PackedSeq], *, ignore_index: int = IGNORE_INDEX, layout: str = "thd"
 ) -> dict:
     """Stack rows into a micro-batch of tensors.
 
@@ -154,14 +199,16 @@ def collate_packed(
         ignore_index: the label written where ``loss_mask`` is 0. Keep -100 for
             ``torch.nn.functional.cross_entropy``; pass a valid id (e.g. the pad id) for Megatron's
             vocab-parallel cross entropy, which indexes every label and relies on ``loss_mask``.
-        attention_mask: also build ``attention_mask`` (:func:`block_diagonal_causal_mask`).
+        layout: ``"thd"`` or ``"mask"`` (module docstring).
 
     Returns:
-        ``tokens``, ``labels``, ``position_ids``, ``segment_ids``: ``[B, S]`` int64;
-        ``loss_mask``: ``[B, S]`` float32; ``attention_mask``: ``[B, 1, S, S]`` bool (True = masked).
+        ``tokens``, ``labels``, ``position_ids``, ``segment_ids``: int64; ``loss_mask``: float32; all
+        ``[B, S]`` (``"mask"``) or ``[1, B*S]`` (``"thd"``). ``"thd"`` adds ``cu_seqlens`` (int32) and
+        ``max_seqlen`` (int), ``"mask"`` adds ``attention_mask`` ``[B, 1, S, S]`` bool (True = masked).
         The token-mean SFT loss of the batch is ``sum(ce * loss_mask) / loss_mask.sum()``; with
         several micro-batches, divide by the global count of trained tokens instead.
     """
+    check_layout(layout)
     if not rows:
         raise ValueError("collate_packed: no rows")
     labels = torch.tensor([r.labels for r in rows], dtype=torch.long)
@@ -174,8 +221,11 @@ def collate_packed(
         "position_ids": torch.tensor([r.position_ids for r in rows], dtype=torch.long),
         "segment_ids": torch.tensor([r.segment_ids for r in rows], dtype=torch.long),
     }
-    if attention_mask:
+    if layout == "mask":
         batch["attention_mask"] = block_diagonal_causal_mask(batch["segment_ids"])
+    else:
+        batch["cu_seqlens"], batch["max_seqlen"] = cu_seqlens_from_segments(batch["segment_ids"])
+        flatten_rows(batch, ("tokens", "labels", "loss_mask", "position_ids", "segment_ids"))
     return batch
 
 

@@ -2,11 +2,11 @@
 
 T1's responses range from tens to thousands of tokens, so one response per padded row wastes most
 of a step on padding. Each response (prompt + sampled tokens, EOS included) is a document of
-``len(prompt) + len(response)`` tokens; documents are packed into rows of ``seq_len`` tokens with a
-block-diagonal causal mask (:mod:`megatron_t1.data.packing` conventions: positions restart per
-document, tail padding is its own segment, never a target). That is the layout for Megatron's local
-attention (dense mask; :class:`megatron_t1.mcore.sdpa_attention.SDPAttention` runs it fused). With
-TransformerEngine, THD packed sequences (cu_seqlens) would avoid the dense [S, S] mask; not done yet.
+``len(prompt) + len(response)`` tokens; documents are packed into rows of ``seq_len`` tokens
+(:mod:`megatron_t1.data.packing` conventions: positions restart per document, tail padding is its
+own segment, never a target), in the THD layout (``cu_seqlens``; TransformerEngine's varlen attention
+or our SDPA core attention) or, for Megatron's unfused attention only, with a dense block-diagonal
+[S, S] mask.
 
 Balance across data-parallel ranks (what a step waits for is its slowest rank):
 
@@ -31,7 +31,12 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_t1.data.packing import block_diagonal_causal_mask
+from megatron_t1.data.packing import (
+    block_diagonal_causal_mask,
+    check_layout,
+    cu_seqlens_from_segments,
+    flatten_rows,
+)
 
 
 @dataclass
@@ -126,17 +131,21 @@ def collate_rl_rank(
     pad_id: int,
     token_values: dict[str, Sequence[Sequence[float]]] | None = None,
     doc_index: Sequence[int] | None = None,
+    layout: str = "thd",
 ) -> list[dict[str, torch.Tensor]]:
-    """Micro-batches of DP rank ``rank``.
+    """Micro-batches of DP rank ``rank``, on the CPU (move each to the device when it is used).
 
     Each micro-batch has ``tokens``, ``labels``, ``position_ids``, ``seq_ids`` (document index within
     the micro-batch), ``doc_ids`` (global document index at trained positions, -1 elsewhere): [b, S]
-    int64; ``loss_mask`` [b, S] float (1 where the label is a response token, EOS included);
-    ``attention_mask`` [b, 1, S, S] bool (True = masked out). ``token_values[name][d][j]`` (a value per
+    int64; ``loss_mask`` [b, S] float (1 where the label is a response token, EOS included). With
+    ``layout="thd"`` these are [1, b*S] (the rows end to end) and ``cu_seqlens`` (int32) and
+    ``max_seqlen`` (int) describe the documents; with ``"mask"`` ``attention_mask`` [b, 1, S, S] bool
+    (True = masked out) does. ``token_values[name][d][j]`` (a value per
     response token j of document d, e.g. the rollout engine's log-probs) lands at the position whose
     label is that token, as a float [b, S] tensor ``name`` (0 elsewhere). ``doc_index[d]`` is the id
     written to ``doc_ids`` for document d (default d), for a plan over a subset of a step's documents.
     """
+    check_layout(layout)
     token_values = token_values or {}
     S, b = plan.seq_len, plan.micro_batch_size
     rows = plan.rows[rank]
@@ -169,16 +178,19 @@ def collate_rl_rank(
                 local += 1
             segment_ids[r, o:] = len(row)  # tail padding: its own causal segment
             position_ids[r, o:] = torch.arange(S - o)
-        out.append(
-            {
-                "tokens": tokens,
-                "labels": labels,
-                "loss_mask": loss_mask,
-                "position_ids": position_ids,
-                "attention_mask": block_diagonal_causal_mask(segment_ids),
-                "seq_ids": seq_ids,
-                "doc_ids": doc_ids,
-                **values,
-            }
-        )
+        mb = {
+            "tokens": tokens,
+            "labels": labels,
+            "loss_mask": loss_mask,
+            "position_ids": position_ids,
+            "seq_ids": seq_ids,
+            "doc_ids": doc_ids,
+            **values,
+        }
+        if layout == "mask":
+            mb["attention_mask"] = block_diagonal_causal_mask(segment_ids)
+        else:
+            mb["cu_seqlens"], mb["max_seqlen"] = cu_seqlens_from_segments(segment_ids)
+            flatten_rows(mb, [k for k, v in mb.items() if torch.is_tensor(v) and v.shape == (b, S)])
+        out.append(mb)
     return out

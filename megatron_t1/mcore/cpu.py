@@ -31,9 +31,14 @@ Patch points and why:
    (``weight.data.cuda()``). Its overhead was not measurable on a 3.7M-parameter model.
 7. ``torch.cuda.Stream`` / ``current_stream`` / ``Event`` -> inert stand-ins (DDP and the optimizer
    create and wait on streams and events; on CPU every op is already synchronous).
+8. The ``backward`` of every autograd function in ``megatron.core.tensor_parallel`` (mappings,
+   layers, cross entropy, random) runs with a fresh instance of the mode (6) pushed. A mode is off
+   while its own handler runs, and the whole of ``torch.autograd.backward`` runs inside one handler
+   call, so without this the Python backward code there is not rewritten: sequence parallelism's
+   reduce-scatter and all-gather allocate on ``torch.cuda.current_device()`` in backward.
 
-Limits: sequence parallelism and TransformerEngine layers need CUDA; use the local layer spec,
-``use_cpu_initialization=True`` and fp32.
+Limits: TransformerEngine layers need CUDA; use the local layer spec (its norms allow sequence
+parallelism: ``megatron_t1.mcore.model.TorchNorm``), ``use_cpu_initialization=True`` and fp32.
 """
 
 from __future__ import annotations
@@ -73,6 +78,40 @@ class _CudaToCpuMode(TorchFunctionMode):
             name = func(*args)
             return name.replace("torch.", "torch.cuda.", 1) if name.startswith("torch.") else name
         return func(*args, **kwargs)
+
+
+_MEGATRON_AUTOGRAD_MODULES = (
+    "megatron.core.tensor_parallel.mappings",
+    "megatron.core.tensor_parallel.layers",
+    "megatron.core.tensor_parallel.cross_entropy",
+    "megatron.core.tensor_parallel.random",
+)
+
+
+def _backward_under_mode(backward):
+    def run(*args, **kwargs):
+        with _CudaToCpuMode():
+            return backward(*args, **kwargs)
+
+    run.__wrapped__ = backward
+    return run
+
+
+def _patch_megatron_backwards() -> None:
+    """Patch point 8: the Python backward of Megatron's tensor-parallel autograd functions runs with
+    the device rewriting pushed (module docstring)."""
+    import importlib
+    import inspect
+
+    for name in _MEGATRON_AUTOGRAD_MODULES:
+        module = importlib.import_module(name)
+        for _, cls in inspect.getmembers(module, inspect.isclass):
+            if (
+                issubclass(cls, torch.autograd.Function)
+                and cls.__module__ == name
+                and "backward" in vars(cls)
+            ):
+                cls.backward = staticmethod(_backward_under_mode(cls.backward))
 
 
 class _NullStream:
@@ -155,6 +194,7 @@ def enable_cpu_mode(force: bool = False) -> bool:
         mrandom._get_cuda_rng_state = _cpu_get_rng_state
         mrandom._set_cuda_rng_state = _cpu_set_rng_state
 
+        _patch_megatron_backwards()
         _CudaToCpuMode().__enter__()  # stays pushed for the life of the process
         _state["enabled"] = True
     return True

@@ -4,6 +4,15 @@
 into Megatron's ``TransformerConfig``. The layer spec is TransformerEngine's when TE imports (GPU
 clusters) and Megatron's local spec otherwise (CPU, laptops); both save distributed checkpoints
 under the same (TE-style) keys, so a checkpoint moves between them.
+
+Sequence parallelism works with both. The local spec's norms are :class:`TorchNorm` (torch's
+RMSNorm / LayerNorm, as Megatron's ``WrappedTorchNorm``, which refuses SP): under SP each TP rank
+normalises its own slice of the sequence, so the norm weights are marked ``sequence_parallel`` and
+``finalize_model_grads`` sums their gradients over the TP group, as TE's and apex's norms are.
+
+Packed micro-batches come in two layouts (:mod:`megatron_t1.data.packing`); which core attention
+honours which is :func:`check_packed_layout`'s table, checked when the model is built and for every
+batch (:func:`megatron_t1.mcore.forward.model_forward`).
 """
 
 from __future__ import annotations
@@ -21,6 +30,7 @@ from megatron.core.models.gpt.gpt_layer_specs import (
 )
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from megatron_t1.config import Config, ConfigError
 
@@ -36,8 +46,6 @@ def transformer_config(cfg: Config) -> TransformerConfig:
     on_gpu = torch.cuda.is_available() and cfg.run.device != "cpu"
     if m.precision == "bf16" and not on_gpu:
         raise ConfigError("model.precision=bf16 needs a GPU; CPU runs use fp32")
-    if p.sequence_parallel and not te_available():
-        raise ConfigError("parallel.sequence_parallel needs TransformerEngine on GPU")
     bf16 = m.precision == "bf16"
     recompute = {"none": None, "full": "full", "selective": "selective"}[m.recompute]
     return TransformerConfig(
@@ -86,16 +94,92 @@ def transformer_config(cfg: Config) -> TransformerConfig:
     )
 
 
+class TorchNorm:
+    """torch's ``RMSNorm`` / ``LayerNorm`` for the local spec, sequence parallel allowed (module docstring).
+
+    Same constructor as Megatron's norms; returns the plain torch module (so checkpoints keep the
+    keys of Megatron's ``WrappedTorchNorm``), its parameters marked ``sequence_parallel`` under SP.
+    """
+
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **_unused):
+        if config.layernorm_zero_centered_gamma or config.memory_efficient_layer_norm:
+            raise ValueError("TorchNorm: zero-centred gamma and memory-efficient layer norm need TE or apex")
+        kinds = {"RMSNorm": torch.nn.RMSNorm, "LayerNorm": torch.nn.LayerNorm}
+        if config.normalization not in kinds:
+            raise ValueError(f"TorchNorm: normalization {config.normalization!r} is not supported")
+        norm = kinds[config.normalization](normalized_shape=hidden_size, eps=eps)
+        for p in norm.parameters():
+            p.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+ATTENTION_LAYOUTS = {"te": ("thd",), "sdpa": ("thd", "mask"), "megatron": ("mask",)}
+"""Packed layouts each core attention honours. TE's spec uses a causal mask type, under which a dense
+block-diagonal mask is not applied (documents would attend across boundaries); Megatron's unfused
+``DotProductAttention`` has no THD path."""
+
+
+def attention_kind_of(cfg: Config) -> str:
+    """ "te", "sdpa" or "megatron": the core attention :func:`layer_spec` builds for ``cfg``."""
+    return "te" if te_available() else cfg.model.core_attention
+
+
+def check_packed_layout(kind: str, layout: str) -> None:
+    """Raise a one-line ``ConfigError`` when core attention ``kind`` cannot keep ``layout``'s packed
+    documents apart (:data:`ATTENTION_LAYOUTS`)."""
+    if kind not in ATTENTION_LAYOUTS:
+        raise ValueError(f"unknown core attention {kind!r}")
+    if layout not in ATTENTION_LAYOUTS[kind]:
+        fix = "data.packing=thd" if "thd" in ATTENTION_LAYOUTS[kind] else "model.core_attention=sdpa"
+        raise ConfigError(
+            f"packed rows in the {layout!r} layout would reach {kind} core attention, which does not keep "
+            f"their documents apart (log-probs would be wrong); use {fix}"
+        )
+
+
+def packed_layout(cfg: Config) -> str:
+    """The packed layout of this run: ``data.packing``, or with "auto" THD unless the core attention
+    is Megatron's unfused one; checked against the attention (:func:`check_packed_layout`)."""
+    kind = attention_kind_of(cfg)
+    layout = cfg.data.packing
+    if layout == "auto":
+        layout = "thd" if "thd" in ATTENTION_LAYOUTS[kind] else "mask"
+    check_packed_layout(kind, layout)
+    return layout
+
+
+def attention_kind(model: torch.nn.Module) -> str:
+    """The core attention ``model`` was built with ("te", "sdpa" or "megatron"), from its modules."""
+    gpt = unwrap(model)
+    kind = getattr(gpt, "_t1_attention_kind", None)
+    if kind is None:
+        names = {type(m).__name__ for n, m in gpt.named_modules() if n.endswith("core_attention")}
+        kind = "sdpa" if "SDPAttention" in names else "megatron" if "DotProductAttention" in names else "te"
+        gpt._t1_attention_kind = kind
+    return kind
+
+
 def layer_spec(cfg: Config):
     """TE spec when TransformerEngine is usable, the local (pure Megatron) spec otherwise."""
     if te_available():
         return get_gpt_layer_with_transformer_engine_spec()
     spec = get_gpt_layer_local_spec(normalization=cfg.model.normalization)
+    spec.submodules.input_layernorm = TorchNorm
+    spec.submodules.pre_mlp_layernorm = TorchNorm
     if cfg.model.core_attention == "sdpa":
         from megatron_t1.mcore.sdpa_attention import SDPAttention
 
         spec.submodules.self_attention.submodules.core_attention = SDPAttention
     return spec
+
+
+def _block_spec(spec, tcfg: TransformerConfig, vp_stage: int | None):
+    """The local spec as a whole block, so that the final norm is a :class:`TorchNorm` too."""
+    if te_available():
+        return spec
+    return TransformerBlockSubmodules(
+        layer_specs=[spec] * get_num_layers_to_build(tcfg, vp_stage=vp_stage), layer_norm=TorchNorm
+    )
 
 
 def build_model(cfg: Config, *, wrap_ddp: bool = True) -> list[torch.nn.Module]:
@@ -105,6 +189,7 @@ def build_model(cfg: Config, *, wrap_ddp: bool = True) -> list[torch.nn.Module]:
     Megatron DDP (fp32 grad buffers) when ``wrap_ddp``. ``unwrap(chunk)`` gives the ``GPTModel``.
     """
     tcfg = transformer_config(cfg)
+    packed_layout(cfg)  # a layout the attention would get wrong fails here, before any step
     spec = layer_spec(cfg)
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size
     tp = cfg.parallel.tp
@@ -114,7 +199,7 @@ def build_model(cfg: Config, *, wrap_ddp: bool = True) -> list[torch.nn.Module]:
         post = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage if vpp else None)
         model = GPTModel(
             config=tcfg,
-            transformer_layer_spec=spec,
+            transformer_layer_spec=_block_spec(spec, tcfg, vp_stage if vpp else None),
             vocab_size=cfg.model.padded_vocab_size(tp),
             max_sequence_length=cfg.model.max_position_embeddings,
             pre_process=pre,

@@ -17,8 +17,15 @@ Semantics kept from ``DotProductAttention``:
   how Megatron splits that scale between the matmul and an fp32 softmax, so the product is the same;
 - attention dropout runs under the model-parallel RNG tracker, as Megatron's does.
 
+Packed THD sequences (``packed_seq_params.qkv_format == "thd"``, the default layout of packed rows:
+:mod:`megatron_t1.data.packing`): Megatron squeezes the batch dimension, so ``query`` is [t, np, hn]
+and the documents are the slices ``cu_seqlens[i]:cu_seqlens[i+1]``. Each document runs as its own
+causal SDPA call, so no [t, t] mask or score tensor exists and no token attends across a boundary;
+the output is [t, np * hn].
+
 Not supported (an error at construction, never a silent difference): sliding-window attention,
-off-by-one / learnable softmax, context parallelism, packed THD sequences (the TE spec handles those).
+off-by-one / learnable softmax, context parallelism, THD with different query and key offsets
+(cross attention, padded THD for context parallelism).
 """
 
 from __future__ import annotations
@@ -77,10 +84,11 @@ class SDPAttention(MegatronModule):
         attention_bias: torch.Tensor | None = None,
         packed_seq_params=None,
     ) -> torch.Tensor:
-        if packed_seq_params is not None:
-            raise ValueError("SDPAttention: packed (THD) sequences need TransformerEngine's attention")
         if attention_bias is not None:
             raise ValueError("SDPAttention: attention_bias is not supported")
+        p = self.dropout_p if self.training else 0.0
+        if packed_seq_params is not None:
+            return self._thd(query, key, value, attention_mask, packed_seq_params, p)
         sq, b = query.shape[0], query.shape[1]
         # [s, b, n, hn] -> [b, n, s, hn]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
@@ -91,10 +99,53 @@ class SDPAttention(MegatronModule):
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         causal = attention_mask is None and mask_type == AttnMaskType.causal and sq > 1
         allowed = None if attention_mask is None else ~attention_mask  # Megatron: True = masked out
-        p = self.dropout_p if self.training else 0.0
         with tensor_parallel.get_cuda_rng_tracker().fork() if p > 0 else contextlib.nullcontext():
             ctx = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=allowed, dropout_p=p, is_causal=causal, scale=self.softmax_scale
             )
         # [b, n, sq, hn] -> [sq, b, n * hn]
         return ctx.permute(2, 0, 1, 3).reshape(sq, b, self.heads * self.head_dim)
+
+    def _thd(self, query, key, value, attention_mask, params, p: float) -> torch.Tensor:
+        """Packed THD: query [t, np, hn], key / value [t, ng, hn] -> [t, np * hn], one causal block
+        per document of ``params.cu_seqlens_q``."""
+        if params.qkv_format != "thd":
+            raise ValueError(f"SDPAttention: packed qkv_format {params.qkv_format!r} is not supported")
+        if attention_mask is not None:
+            raise ValueError(
+                "SDPAttention: a packed THD batch carries no attention_mask; pass one or the other"
+            )
+        cu = params.cu_seqlens_q
+        same_kv = (
+            params.cu_seqlens_kv is None
+            or params.cu_seqlens_kv is cu
+            or torch.equal(params.cu_seqlens_kv, cu)
+        )
+        if not same_kv or params.cu_seqlens_q_padded is not None:
+            raise ValueError("SDPAttention: THD needs equal query and key offsets and no padded offsets")
+        t = query.shape[0]
+        bounds = cu.tolist()
+        if bounds[0] != 0 or bounds[-1] != t:
+            raise ValueError(
+                f"SDPAttention: cu_seqlens span [{bounds[0]}, {bounds[-1]}], the packed batch has {t} tokens"
+            )
+        # [t, n, hn] -> [n, t, hn]
+        q, k, v = (x.transpose(0, 1) for x in (query, key, value))
+        if self.groups != self.heads:
+            rep = self.heads // self.groups
+            k = k.repeat_interleave(rep, dim=0)
+            v = v.repeat_interleave(rep, dim=0)
+        out = torch.empty_like(q)
+        with tensor_parallel.get_cuda_rng_tracker().fork() if p > 0 else contextlib.nullcontext():
+            for s0, s1 in zip(bounds[:-1], bounds[1:]):
+                if s1 > s0:
+                    out[:, s0:s1] = F.scaled_dot_product_attention(
+                        q[None, :, s0:s1],
+                        k[None, :, s0:s1],
+                        v[None, :, s0:s1],
+                        dropout_p=p,
+                        is_causal=s1 - s0 > 1,
+                        scale=self.softmax_scale,
+                    )[0]
+        # [n, t, hn] -> [t, n * hn]
+        return out.transpose(0, 1).reshape(t, self.heads * self.head_dim)

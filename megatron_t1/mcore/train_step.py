@@ -26,6 +26,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_t1.config import Config
 from megatron_t1.errors import TrainingError
+from megatron_t1.mcore.forward import on_device
 from megatron_t1.mcore.model import unwrap
 
 
@@ -83,11 +84,13 @@ def build_optimizer(cfg: Config, chunks: Sequence[torch.nn.Module]):
     return optimizer, scheduler
 
 
-def _data_iterators(microbatches: Sequence[dict], num_chunks: int):
+def _data_iterators(microbatches: Sequence[dict], chunks: Sequence[torch.nn.Module]):
+    # Each micro-batch moves to the device when the schedule takes it (never a whole step at once).
     # With virtual pipeline stages every chunk walks the same micro-batches.
-    if num_chunks == 1:
-        return iter(microbatches)
-    return [iter(microbatches) for _ in range(num_chunks)]
+    device = next(unwrap(chunks[0]).parameters()).device
+    if len(chunks) == 1:
+        return on_device(microbatches, device)
+    return [on_device(microbatches, device) for _ in chunks]
 
 
 def reduce_metrics(per_microbatch: list[dict], device: torch.device) -> dict[str, tuple[float, float]]:
@@ -175,7 +178,8 @@ def train_step(
 ) -> StepResult:
     """Forward/backward over this rank's micro-batches, then one optimizer step.
 
-    ``microbatches`` are this DP rank's share of the global batch. A non-finite gradient norm
+    ``microbatches`` are this DP rank's share of the global batch (on any device: each is moved to
+    the model's when it is used). A non-finite gradient norm
     skips the update (the step reports ``skipped=True``) and leaves weights untouched.
     """
     for c in chunks:
@@ -184,7 +188,7 @@ def train_step(
     fb = get_forward_backward_func()
     outputs = fb(
         forward_step_func=forward_step_func,
-        data_iterator=_data_iterators(microbatches, len(chunks)),
+        data_iterator=_data_iterators(microbatches, chunks),
         model=list(chunks),
         num_microbatches=len(microbatches),
         seq_length=seq_length,
@@ -229,7 +233,7 @@ def forward_only(
     fb = get_forward_backward_func()
     outputs = fb(
         forward_step_func=forward_step_func,
-        data_iterator=_data_iterators(microbatches, len(chunks)),
+        data_iterator=_data_iterators(microbatches, chunks),
         model=list(chunks),
         num_microbatches=len(microbatches),
         seq_length=seq_length,

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_t1.config import Config, ConfigError, save_config
+from megatron_t1.data.packing import schedule_shape
 from megatron_t1.data.prompts import load_prompts, step_prompts
 from megatron_t1.data.rl_batch import collate_rl_rank, plan_rl_packing, rl_documents
 from megatron_t1.eval.heldout import problem_prompts
@@ -49,7 +50,7 @@ from megatron_t1.mcore.checkpoint import (
     save_checkpoint,
     step_dir_name,
 )
-from megatron_t1.mcore.model import build_model
+from megatron_t1.mcore.model import build_model, packed_layout
 from megatron_t1.mcore.parallel import ParallelContext, init_parallel
 from megatron_t1.mcore.rl_forward import compute_logprobs, rl_forward_step
 from megatron_t1.mcore.train_step import SkipGuard, build_optimizer, train_step
@@ -163,6 +164,8 @@ def run_rl(cfg: Config) -> dict:
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
     chunks = build_model(cfg)
+    layout = packed_layout(cfg)
+    sched_seq, sched_micro = schedule_shape(layout, seq, micro)
     optimizer, scheduler = build_optimizer(cfg, chunks)
     ckpt_root = run_dir / "checkpoints"
     latest = latest_checkpoint(ckpt_root) if cfg.checkpoint.resume else None
@@ -208,9 +211,10 @@ def run_rl(cfg: Config) -> dict:
     lp_kw = dict(
         temperature=ro.temperature,
         vocab_size=cfg.model.vocab_size,
-        seq_length=seq,
-        micro_batch_size=micro,
+        seq_length=sched_seq,
+        micro_batch_size=sched_micro,
         chunk_size=cfg.loss.chunk_size,
+        fused_output_layer=cfg.loss.fused_output_layer,
     )
     scalars: dict[str, float] = {}
     guard = SkipGuard(cfg.run.max_skipped_steps)
@@ -264,8 +268,9 @@ def run_rl(cfg: Config) -> dict:
                 pad,
                 {"rollout_logprobs": [comps[d].logprobs for d in part]},
                 doc_index=part,
+                layout=layout,
             )
-            part_mbs.append([{k_: v.to(ctx.device) for k_, v in mb.items()} for mb in mbs])
+            part_mbs.append(mbs)  # on the CPU: each moves to the device when the schedule takes it
             plans.append(plan)
         all_mbs = [mb for mbs in part_mbs for mb in mbs]
         # -- policy and anchor log-probs (same shards, same micro-batches) -> KL_i, mismatch -----------
@@ -281,13 +286,13 @@ def run_rl(cfg: Config) -> dict:
         adv = t1_advantages(kept_rewards, kl.view(-1, k), beta=beta, config=cfg.loss).reshape(-1)
         tis_sum = tis_clip = 0.0
         for i, mb in enumerate(all_mbs):
-            a = adv.to(ctx.device)[mb["doc_ids"].clamp(min=0)] * mb["loss_mask"]
+            a = adv[mb["doc_ids"].clamp(min=0)] * mb["loss_mask"]
             if pol is not None:
-                mb["anchor_logprobs"] = anc[i]["logprobs"]
+                mb["anchor_logprobs"] = anc[i]["logprobs"].cpu()
                 if n_mini > 1:
-                    mb["old_logprobs"] = pol[i]["logprobs"]
+                    mb["old_logprobs"] = pol[i]["logprobs"].cpu()
                 if cfg.loss.tis_cap is not None:
-                    w = torch.exp(pol[i]["logprobs"] - mb["rollout_logprobs"])
+                    w = torch.exp(pol[i]["logprobs"].cpu() - mb["rollout_logprobs"])
                     m = mb["loss_mask"]
                     tis_clip += float(((w > cfg.loss.tis_cap).float() * m).sum())
                     w = w.clamp(max=cfg.loss.tis_cap)
@@ -309,7 +314,7 @@ def run_rl(cfg: Config) -> dict:
                 global_num_seqs=len(part),
             )
             res = train_step(
-                chunks, optimizer, scheduler, step_fn, mbs, seq_length=seq, micro_batch_size=micro
+                chunks, optimizer, scheduler, step_fn, mbs, seq_length=sched_seq, micro_batch_size=sched_micro
             )
             bad = res.skipped or not math.isfinite(res.loss)
             skipped = skipped or bad

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from megatron_t1.config import Config, ConfigError, save_config
 from megatron_t1.data.order import step_slice
-from megatron_t1.data.packing import PackedSeq, micro_batches, pack_sequences
+from megatron_t1.data.packing import PackedSeq, micro_batches, pack_sequences, schedule_shape
 from megatron_t1.data.sft import SFTDataset
 from megatron_t1.log import RunLogger
 from megatron_t1.mcore.checkpoint import (
@@ -24,8 +24,8 @@ from megatron_t1.mcore.checkpoint import (
     resolve_init_from,
     save_checkpoint,
 )
-from megatron_t1.mcore.forward import sft_forward_step, to_device
-from megatron_t1.mcore.model import build_model
+from megatron_t1.mcore.forward import sft_forward_step
+from megatron_t1.mcore.model import build_model, packed_layout
 from megatron_t1.mcore.parallel import ParallelContext, init_parallel
 from megatron_t1.mcore.train_step import SkipGuard, forward_only, train_step
 
@@ -46,11 +46,14 @@ def load_tokenizer(cfg: Config):
     return tok
 
 
-def rank_microbatches(rows: list[PackedSeq], ctx: ParallelContext, micro: int, pad_id: int) -> list[dict]:
-    """This DP rank's contiguous share of the global batch, as tensors on the model's device."""
+def rank_microbatches(
+    rows: list[PackedSeq], ctx: ParallelContext, micro: int, pad_id: int, layout: str = "thd"
+) -> list[dict]:
+    """This DP rank's contiguous share of the global batch, as CPU tensors in ``layout``
+    (the step moves each micro-batch to the device when it runs it)."""
     per_rank = len(rows) // ctx.dp
     mine = rows[ctx.dp_rank * per_rank : (ctx.dp_rank + 1) * per_rank]
-    return [to_device(b, ctx.device) for b in micro_batches(mine, micro, ignore_index=pad_id)]
+    return list(micro_batches(mine, micro, ignore_index=pad_id, layout=layout))
 
 
 def run_sft(cfg: Config) -> dict:
@@ -78,6 +81,8 @@ def run_sft(cfg: Config) -> dict:
         valid_rows = pack_sequences(valid.load(), seq, pad_id)
 
     chunks = build_model(cfg)
+    layout = packed_layout(cfg)
+    sched_seq, sched_micro = schedule_shape(layout, seq, cfg.data.micro_batch_size)
     from megatron_t1.mcore.train_step import build_optimizer
 
     optimizer, scheduler = build_optimizer(cfg, chunks)
@@ -109,15 +114,15 @@ def run_sft(cfg: Config) -> dict:
     guard = SkipGuard(cfg.run.max_skipped_steps)
     for step in range(start, cfg.run.train_steps):
         batch = step_slice(rows, step, cfg.data.global_batch_size, cfg.data.seed)
-        mbs = rank_microbatches(batch, ctx, cfg.data.micro_batch_size, pad_id)
+        mbs = rank_microbatches(batch, ctx, cfg.data.micro_batch_size, pad_id, layout)
         res = train_step(
             chunks,
             optimizer,
             scheduler,
             sft_forward_step,
             mbs,
-            seq_length=seq,
-            micro_batch_size=cfg.data.micro_batch_size,
+            seq_length=sched_seq,
+            micro_batch_size=sched_micro,
         )
         done = step + 1
         tokens_since_log += res.tokens
@@ -143,13 +148,10 @@ def run_sft(cfg: Config) -> dict:
         "wall_seconds": time.perf_counter() - t_start,
     }
     if valid_rows:
-        mbs = [
-            to_device(b, ctx.device)
-            for b in micro_batches(valid_rows, cfg.data.micro_batch_size, ignore_index=pad_id)
-        ]
+        mbs = list(micro_batches(valid_rows, cfg.data.micro_batch_size, ignore_index=pad_id, layout=layout))
         mbs = mbs[ctx.dp_rank :: ctx.dp] or mbs[:1]
         summary["valid_loss"] = forward_only(
-            chunks, sft_forward_step, mbs, seq_length=seq, micro_batch_size=cfg.data.micro_batch_size
+            chunks, sft_forward_step, mbs, seq_length=sched_seq, micro_batch_size=sched_micro
         ).get("loss", math.nan)
         logger.info(f"validation loss {summary['valid_loss']:.4f}")
     logger.close()

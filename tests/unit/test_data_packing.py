@@ -103,18 +103,92 @@ def test_dict_inputs_and_validation():
 
 def test_collate_and_micro_batches():
     rows = pack_sequences(_docs(60, 2), 48, PAD)
-    batches = list(micro_batches(rows, 4))
+    batches = list(micro_batches(rows, 4, layout="mask"))
     assert sum(b["tokens"].shape[0] for b in batches) == len(rows)
     b = batches[0]
     assert b["tokens"].shape == b["labels"].shape == b["loss_mask"].shape == (4, 48)
     assert b["tokens"].dtype == torch.long and b["loss_mask"].dtype == torch.float32
-    assert b["attention_mask"].shape == (4, 1, 48, 48)
+    assert b["attention_mask"].shape == (4, 1, 48, 48) and "cu_seqlens" not in b
     assert torch.equal(b["loss_mask"], (b["labels"] != IGNORE_INDEX).float())
-    meg = collate_packed(rows[:4], ignore_index=PAD, attention_mask=False)
+    meg = collate_packed(rows[:4], ignore_index=PAD)
     assert "attention_mask" not in meg and int(meg["labels"].min()) >= 0  # Megatron wants valid ids
-    assert torch.equal(meg["labels"][b["loss_mask"].bool()], b["labels"][b["loss_mask"].bool()])
+    assert meg["tokens"].shape == (1, 4 * 48)  # THD: the rows end to end
+    assert torch.equal(meg["labels"][meg["loss_mask"].bool()], b["labels"][b["loss_mask"].bool()])
     if len(rows) % 4:
         assert len(list(micro_batches(rows, 4, drop_last=True))) == len(rows) // 4
+    with pytest.raises(ValueError, match="packed layout 'bshd'"):
+        collate_packed(rows[:1], layout="bshd")
+
+
+def _segments_by_hand(rows):
+    """(start, end) of every document and tail padding of rows laid end to end, walked in Python."""
+    out, base = [], 0
+    for r in rows:
+        start = 0
+        for t in range(1, len(r.segment_ids) + 1):
+            if t == len(r.segment_ids) or r.segment_ids[t] != r.segment_ids[start]:
+                out.append((base + start, base + t))
+                start = t
+        base += len(r.segment_ids)
+    return out
+
+
+def test_thd_offsets_describe_every_document():
+    rows = pack_sequences(_docs(40, 5), 64, PAD)
+    b = collate_packed(rows[:3])
+    cu = b["cu_seqlens"].tolist()
+    assert b["cu_seqlens"].dtype == torch.int32
+    assert list(zip(cu[:-1], cu[1:])) == _segments_by_hand(rows[:3])
+    assert b["max_seqlen"] == max(e - s for s, e in zip(cu[:-1], cu[1:]))
+    for s, e in zip(cu[:-1], cu[1:]):  # positions restart at every document
+        assert b["position_ids"][0, s:e].tolist() == list(range(e - s))
+    # a full row (no tail padding) still ends a segment at the row boundary
+    full = pack_sequences([([1] * 8, [1] * 8), ([2] * 8, [1] * 8)], 8, PAD)
+    assert collate_packed(full)["cu_seqlens"].tolist() == [0, 8, 16]
+
+
+def _allocated_bytes(fn) -> tuple[int, int]:
+    """(bytes torch's CPU allocator handed out, peak of Python's own allocations) while ``fn`` runs.
+
+    tracemalloc sees Python objects (the token lists) but not tensors, whose memory comes from
+    torch's allocator; the profiler's memory events see those. Two runs: the profiler's own records
+    would count as Python allocations.
+    """
+    import tracemalloc
+
+    from torch.profiler import ProfilerActivity, profile
+
+    tracemalloc.start()
+    fn()
+    _, py_peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    torch_bytes = sum(max(e.self_cpu_memory_usage, 0) for e in prof.events())
+    return torch_bytes, py_peak
+
+
+def test_a_17k_token_thd_row_allocates_far_less_than_s_squared():
+    S = 17_408  # the 32B example's data.seq_length
+    lengths = [9_000, 5_000, 3_000]  # three responses, 408 tokens of tail padding
+    docs = [([7] * n, [0] * 100 + [1] * (n - 100)) for n in lengths]
+    rows = pack_sequences(docs, S, PAD)
+    assert len(rows) == 1
+    thd_tensors, thd_python = _allocated_bytes(lambda: collate_packed(rows, ignore_index=PAD))
+    mask_tensors, _ = _allocated_bytes(lambda: collate_packed(rows, ignore_index=PAD, layout="mask"))
+    # the dense layout is what the measurement would catch: >= one [S, S] bool mask (303 MB)
+    assert mask_tensors >= S * S, mask_tensors
+    # THD: a few int64 / float32 tensors of S tokens, well under 1% of S^2 bytes
+    assert thd_tensors < S * S / 100, thd_tensors
+    assert thd_python < S * S / 100, thd_python
+    # the RL micro-batch of the same three responses (prompt 100 tokens each)
+    from megatron_t1.data.rl_batch import collate_rl_rank, plan_rl_packing
+
+    plan = plan_rl_packing(lengths, S, dp=1, micro_batch_size=1)
+    ids = [[7] * n for n in lengths]
+    rl_thd, _ = _allocated_bytes(lambda: collate_rl_rank(plan, 0, ids, [100] * 3, pad_id=PAD))
+    rl_mask, _ = _allocated_bytes(lambda: collate_rl_rank(plan, 0, ids, [100] * 3, pad_id=PAD, layout="mask"))
+    assert rl_mask >= S * S and rl_thd < S * S / 100, (rl_mask, rl_thd)
 
 
 @pytest.fixture
@@ -143,7 +217,7 @@ def test_packed_forward_equals_separate_forwards(one_thread):
     docs = [(ids, [1] * len(ids)) for ids in ([3, 4, 5, 6, 7], [8, 9, 10], [11, 12, 13, 14, 15, 16, 17])]
     rows = pack_sequences(docs, 20, PAD)
     assert len(rows) == 1
-    b = collate_packed(rows)
+    b = collate_packed(rows, layout="mask")
     with torch.no_grad():
         # HF's 4-D boolean mask means True = attend: the complement of Megatron's convention.
         packed = model(

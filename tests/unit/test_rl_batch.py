@@ -42,27 +42,37 @@ def test_balance_is_not_vacuous():
     assert max(rr) / (sum(rr) / 4) > plan.stats()["dp_token_imbalance"]
 
 
-def test_collate_places_tokens_labels_and_values():
+@pytest.mark.parametrize("layout", ["mask", "thd"])
+def test_collate_places_tokens_labels_and_values(layout):
     prompts = [[1, 2, 3], [4, 5], [6, 7, 8, 9]]
     responses = [[10, 11, 2], [12, 2], [13, 14, 15, 16, 2]]
     docs, plens, cut = rl_documents(prompts, responses, seq_len=12)
     assert cut == 0
     lp = [[-0.1 * (d + 1) - 0.01 * j for j in range(len(r))] for d, r in enumerate(responses)]
     plan = plan_rl_packing([len(d) for d in docs], 12, dp=1, micro_batch_size=2)
-    mbs = collate_rl_rank(plan, 0, docs, plens, pad_id=0, token_values={"rollout_logprobs": lp})
+    mbs = collate_rl_rank(
+        plan, 0, docs, plens, pad_id=0, token_values={"rollout_logprobs": lp}, layout=layout
+    )
     seen = {}
     for mb in mbs:
         lab, m, ids, v = mb["labels"], mb["loss_mask"], mb["doc_ids"], mb["rollout_logprobs"]
         for pos in (m > 0).nonzero().tolist():
             d = int(ids[pos[0], pos[1]])
             seen.setdefault(d, []).append((int(lab[pos[0], pos[1]]), float(v[pos[0], pos[1]])))
-        # a token attends only to its own document, causally
-        am = mb["attention_mask"]
-        for r in range(am.shape[0]):
-            for i in range(12):
-                allowed = (~am[r, 0, i]).nonzero().flatten().tolist()
-                assert allowed and max(allowed) == i
-                assert mb["position_ids"][r, i] == i - min(allowed)
+        if layout == "mask":  # a token attends only to its own document, causally
+            am = mb["attention_mask"]
+            for r in range(am.shape[0]):
+                for i in range(12):
+                    allowed = (~am[r, 0, i]).nonzero().flatten().tolist()
+                    assert allowed and max(allowed) == i
+                    assert mb["position_ids"][r, i] == i - min(allowed)
+        else:  # rows end to end; each document (and tail padding) is one cu_seqlens segment
+            assert mb["tokens"].shape == (1, 24) and "attention_mask" not in mb
+            cu = mb["cu_seqlens"].tolist()
+            assert cu[0] == 0 and cu[-1] == 24 and 12 in cu  # the row boundary ends a segment
+            for s, e in zip(cu[:-1], cu[1:]):
+                assert mb["position_ids"][0, s:e].tolist() == list(range(e - s))
+                assert len(set(ids[0, s:e].tolist()) - {-1}) <= 1  # one document per segment
     assert sorted(seen) == [0, 1, 2]
     for d, r in enumerate(responses):
         assert [t for t, _ in seen[d]] == r  # labels are exactly the response tokens, EOS included
