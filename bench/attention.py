@@ -2,10 +2,12 @@
 
     python bench/attention.py [--steps 30] [--threads 2] [--seq 512] [--micro 2]
 
-Builds the demo's tiny policy (examples/tiny_cpu/sft.yaml: 4 layers, hidden 128) twice, once per
-``model.core_attention``, and times ``train_step`` on the same packed rows (synthetic SFT traces with
-block-diagonal masks), alternating the two models step by step so that load changes on a shared box
-hit both alike. Prints the median step time of each and their ratio. CPU only (gloo, one rank).
+Builds the demo's tiny policy (examples/tiny_cpu/sft.yaml: 4 layers, hidden 128) three times:
+Megatron's unfused core attention (dense block-diagonal masks, the only layout it takes), SDPA with
+the same masks, SDPA with THD packing (``cu_seqlens``, one causal block per document, the default),
+and times ``train_step`` on the same packed rows (synthetic SFT traces), alternating the models step
+by step so that load changes on a shared box hit all alike. Prints the median step time of each and
+the ratios. CPU only (gloo, one rank).
 """
 
 from __future__ import annotations
@@ -35,7 +37,7 @@ def main() -> int:
 
     from megatron_t1.config import load_config
     from megatron_t1.data.order import step_slice
-    from megatron_t1.data.packing import pack_sequences
+    from megatron_t1.data.packing import pack_sequences, schedule_shape
     from megatron_t1.data.sft import SFTDataset
     from megatron_t1.data.synthetic import make_sft_examples
     from megatron_t1.data.tokenizer import chat_corpus, train_tokenizer
@@ -60,12 +62,20 @@ def main() -> int:
             f"data.global_batch_size={args.micro}",
             f"run.output_dir={tmp}",
         ]
-        cfgs = {
-            core: load_config(ROOT / "examples/tiny_cpu/sft.yaml", [*over, f"model.core_attention={core}"])
-            for core in ("megatron", "sdpa")
+        variants = {
+            "megatron": ("megatron", "mask"),
+            "sdpa-mask": ("sdpa", "mask"),
+            "sdpa-thd": ("sdpa", "thd"),
         }
-        ctx = init_parallel(cfgs["sdpa"].parallel, seed=0, device="cpu")
-        tok = load_tokenizer(cfgs["sdpa"])
+        cfgs = {
+            name: load_config(
+                ROOT / "examples/tiny_cpu/sft.yaml",
+                [*over, f"model.core_attention={core}", f"data.packing={layout}"],
+            )
+            for name, (core, layout) in variants.items()
+        }
+        ctx = init_parallel(cfgs["sdpa-thd"].parallel, seed=0, device="cpu")
+        tok = load_tokenizer(cfgs["sdpa-thd"])
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         rows = pack_sequences(SFTDataset(f"{tmp}/sft.jsonl", tok, max_len=args.seq).load(), args.seq, pad)
         models = {}
@@ -74,25 +84,23 @@ def main() -> int:
             models[core] = (chunks, *build_optimizer(cfg, chunks))
         times: dict[str, list[float]] = {core: [] for core in models}
         for i in range(args.steps + 3):
-            mbs = rank_microbatches(step_slice(rows, i, args.micro, 0), ctx, args.micro, pad)
+            batch = step_slice(rows, i, args.micro, 0)
             for core, (chunks, opt, sched) in models.items():
+                layout = variants[core][1]
+                mbs = rank_microbatches(batch, ctx, args.micro, pad, layout)
+                seq, micro = schedule_shape(layout, args.seq, args.micro)
                 t = time.perf_counter()
-                train_step(
-                    chunks,
-                    opt,
-                    sched,
-                    sft_forward_step,
-                    mbs,
-                    seq_length=args.seq,
-                    micro_batch_size=args.micro,
-                )
+                train_step(chunks, opt, sched, sft_forward_step, mbs, seq_length=seq, micro_batch_size=micro)
                 if i >= 3:  # warm-up steps are not timed
                     times[core].append(time.perf_counter() - t)
     med = {core: statistics.median(v) for core, v in times.items()}
     tokens = args.seq * args.micro
     for core, m in med.items():
-        print(f"{core:9s} core attention: {m * 1000:7.1f} ms per step ({tokens / m:,.0f} tokens/s)")
-    print(f"speed-up of sdpa over megatron: {med['megatron'] / med['sdpa']:.2f}x ({args.steps} steps each)")
+        print(f"{core:9s}: {m * 1000:7.1f} ms per step ({tokens / m:,.0f} tokens/s)")
+    for name in ("sdpa-mask", "sdpa-thd"):
+        print(
+            f"speed-up of {name} over megatron: {med['megatron'] / med[name]:.2f}x ({args.steps} steps each)"
+        )
     return 0
 
 

@@ -69,7 +69,7 @@ def train(model, rows, args) -> dict:
         order = list(range(len(rows)))
         rng.shuffle(order)
         epoch_rows = [rows[i] for i in order]
-        for batch in micro_batches(epoch_rows, args.batch, drop_last=True):
+        for batch in micro_batches(epoch_rows, args.batch, drop_last=True, layout="mask"):
             batch = {k: v.to(args.device) for k, v in batch.items()}
             out = model(
                 input_ids=batch["tokens"],

@@ -5,6 +5,8 @@ same in the THD and the dense-mask layouts."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from tests.dist.harness import run_ranks
@@ -20,7 +22,7 @@ LOSS_RTOL = 1e-5
 GRAD_RTOL = 1e-4
 
 
-def _cfg(tmp, *, sp=False, fused=True, packing="auto", seq=SEQ, micro=1):
+def _cfg(tmp, *, sp=False, fused=True, packing="auto", seq=SEQ, micro=1, core="sdpa"):
     from megatron_t1.config import config_from_dict
 
     return config_from_dict(
@@ -33,6 +35,7 @@ def _cfg(tmp, *, sp=False, fused=True, packing="auto", seq=SEQ, micro=1):
                 "num_query_groups": 2,
                 "vocab_size": VOCAB,
                 "max_position_embeddings": 512,
+                "core_attention": core,
             },
             "parallel": {"tensor_model_parallel_size": 2, "sequence_parallel": sp},
             "data": {
@@ -205,6 +208,22 @@ def _worker(rank, world, tmp, sft_dir):
         float(ref_grads[n].abs().max()) > 0 for n in ref_grads if "layernorm" in n or "final_norm" in n
     )
 
+    # -- the layout guard on real models: a batch its core attention would get wrong is refused --------
+    from megatron_t1.config import ConfigError
+    from megatron_t1.mcore.forward import model_forward
+
+    def refused(model, batch):
+        try:
+            model_forward(model, batch)
+        except ConfigError as e:
+            return str(e)
+        return None
+
+    megatron_attn = _build(_cfg(tmp, packing="mask", core="megatron"), state)
+    res["guard_megatron_thd"] = refused(megatron_attn[0], thd[0])
+    res["guard_megatron_mask"] = refused(megatron_attn[0], mask[0])
+    res["guard_sdpa_both"] = (refused(ref[0], thd[0]), refused(ref[0], mask[0]))
+
     # -- SFT on the demo data: THD and the dense mask give the same loss -----------------------------
     res["sft"] = _sft_losses(tmp, sft_dir)
     destroy_parallel()
@@ -273,6 +292,13 @@ def test_packed_documents_equal_documents_alone(results, name):
         assert r[f"ent_err_{name}"] <= LOGP_ATOL, r
 
 
+def test_layout_guard_refuses_what_the_attention_would_get_wrong(results):
+    for r in results:
+        assert r["guard_megatron_thd"] is not None and "model.core_attention=sdpa" in r["guard_megatron_thd"]
+        assert "\n" not in r["guard_megatron_thd"]
+        assert r["guard_megatron_mask"] is None and r["guard_sdpa_both"] == (None, None)
+
+
 def test_without_packing_information_documents_leak(results):
     # the comparison above can fail: the same rows without cu_seqlens attend across documents
     assert all(r["lp_err_unpacked"] > 1e-3 for r in results)
@@ -293,3 +319,104 @@ def test_sft_loss_same_with_thd_and_mask(results):
         for a, b in zip(thd, mask):
             assert abs(a - b) <= 1e-5 * abs(b), r["sft"]
         assert thd[3] < thd[0]  # the step trained
+
+
+# -- the 32B example's training settings, scaled down: SP, fused output layer, 17,408-token rows ------
+
+EXAMPLE_OVERRIDES = [
+    "model.num_layers=2",
+    "model.hidden_size=64",
+    "model.ffn_hidden_size=128",
+    "model.num_attention_heads=4",
+    "model.num_query_groups=2",
+    "model.vocab_size=1024",
+    "model.precision=fp32",  # CPU
+    "model.tokenizer=null",
+    "parallel.tensor_model_parallel_size=2",
+    "parallel.pipeline_model_parallel_size=1",
+    "parallel.overlap_grad_reduce=false",
+    "run.device=cpu",
+    "rollout.engine=hf",
+]
+EXAMPLE_DOCS = [(9_000, 200), (5_000, 150), (3_000, 100), (12_000, 300)]  # (tokens, prompt) per response
+
+
+def _example_worker(rank, world, tmp):
+    import time
+
+    import torch
+
+    from megatron_t1.config import load_config
+    from megatron_t1.data.packing import schedule_shape
+    from megatron_t1.data.rl_batch import collate_rl_rank, plan_rl_packing
+    from megatron_t1.mcore.anchor_store import AnchorStore
+    from megatron_t1.mcore.model import build_model, packed_layout
+    from megatron_t1.mcore.parallel import destroy_parallel, init_parallel
+    from megatron_t1.mcore.rl_forward import compute_logprobs, rl_forward_step
+    from megatron_t1.mcore.train_step import build_optimizer, train_step
+
+    from pathlib import Path
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "qwen2.5_32b" / "rl.yaml"
+    cfg = load_config(example, EXAMPLE_OVERRIDES + [f"run.output_dir={tmp}"])
+    p, seq = cfg.parallel, cfg.data.seq_length
+    res = {
+        "settings": (p.sequence_parallel, cfg.loss.fused_output_layer, seq, cfg.model.recompute,
+                     p.use_distributed_optimizer),
+    }  # fmt: skip
+    init_parallel(p, seed=3, device="cpu")
+    chunks = build_model(cfg)
+    opt, sched = build_optimizer(cfg, chunks)
+    anchor = AnchorStore(chunks, cfg.anchor)
+    layout = packed_layout(cfg)
+    g = torch.Generator().manual_seed(2)
+    docs = [torch.randint(0, 1000, (n,), generator=g).tolist() for n, _ in EXAMPLE_DOCS]
+    plens = [pl for _, pl in EXAMPLE_DOCS]
+    plan = plan_rl_packing([len(d) for d in docs], seq, dp=1, micro_batch_size=cfg.data.micro_batch_size)
+    mbs = collate_rl_rank(plan, 0, docs, plens, pad_id=0, layout=layout)
+    s, b = schedule_shape(layout, seq, cfg.data.micro_batch_size)
+    kw = dict(temperature=cfg.rollout.temperature, vocab_size=cfg.model.vocab_size, seq_length=s,
+              micro_batch_size=b, fused_output_layer=True)  # fmt: skip
+    t = time.perf_counter()
+    pol = compute_logprobs(chunks, mbs, **kw)
+    with anchor.swapped_in():
+        anc = compute_logprobs(chunks, mbs, **kw)
+    G = sum(len(d) - pl for d, pl in zip(docs, plens))
+    for i, mb in enumerate(mbs):
+        mb["advantages"] = torch.where(mb["doc_ids"] % 2 == 0, 1.0, -1.0) * mb["loss_mask"]
+        mb["anchor_logprobs"] = anc[i]["logprobs"]
+        mb["rollout_logprobs"] = pol[i]["logprobs"]
+    fn = lambda it, m: rl_forward_step(  # noqa: E731
+        it, m, loss_config=cfg.loss, temperature=cfg.rollout.temperature, vocab_size=cfg.model.vocab_size,
+        global_num_tokens=G, global_num_seqs=len(docs),
+    )  # fmt: skip
+    out = train_step(chunks, opt, sched, fn, mbs, seq_length=s, micro_batch_size=b)
+    res.update(
+        layout=layout,
+        rows=len(mbs),
+        G=G,
+        loss=out.loss,
+        grad_norm=out.grad_norm,
+        skipped=out.skipped,
+        kl=out.metrics.get("kl"),
+        anchor_equal=max(float((a["logprobs"] - p_["logprobs"]).abs().max()) for a, p_ in zip(anc, pol)),
+        seconds=time.perf_counter() - t,
+    )
+    destroy_parallel()
+    return res
+
+
+@pytest.fixture(scope="module")
+def example_step(tmp_path_factory):
+    return run_ranks(_example_worker, 2, args=(str(tmp_path_factory.mktemp("ex32")),), timeout=600)
+
+
+def test_the_32b_examples_training_settings_run_a_step_at_tp2(example_step):
+    for r in example_step:
+        assert r["settings"] == (True, True, 17_408, "full", True)
+        assert r["layout"] == "thd" and r["rows"] == 2
+        assert r["G"] == sum(n - p for n, p in EXAMPLE_DOCS)
+        assert not r["skipped"] and math.isfinite(r["loss"]) and r["grad_norm"] > 0, r
+        assert r["anchor_equal"] == 0.0  # the anchor is the starting policy: same log-probs
+    assert example_step[0]["loss"] == example_step[1]["loss"]
+    print(f"\n32B settings at TP=2, 2 rows of 17,408 tokens: {example_step[0]}")

@@ -2,7 +2,8 @@
 and the EMA anchor move, the engine stays in parity; a run stopped after each step and restarted
 with the same command reproduces the metrics of an uninterrupted run, and so does a run killed with
 SIGKILL in the middle of its work; the same run under torchrun with TP=2 (and an engine per rank,
-each sampling half the prompts) gives TP=1's first step (one engine)."""
+each sampling half the prompts, sequence parallel and the fused output layer on) gives TP=1's first
+step (one engine)."""
 
 from __future__ import annotations
 
@@ -133,10 +134,13 @@ def test_kill_9_then_same_command_continues(data, full_run, tmp_path):
 
 @pytest.mark.dist
 def test_tp2_under_torchrun_matches_tp1(data, full_run, tmp_path):
+    # at TP=2 with the 32B example's training settings: sequence parallel and the fused output layer
+    # (the TP=1 run computes logits); the dist tests cover TP=2 without them
     cfg = _config(data, tmp_path / "tp2")
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
         "-m", "megatron_t1", "rl", "--config", str(cfg), "--set", "parallel.tensor_model_parallel_size=2",
+        "--set", "parallel.sequence_parallel=true", "--set", "loss.fused_output_layer=true",
     ]  # fmt: skip
     r = _run(cmd, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
