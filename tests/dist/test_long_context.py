@@ -341,42 +341,36 @@ EXAMPLE_OVERRIDES = [
 EXAMPLE_DOCS = [(9_000, 200), (5_000, 150), (3_000, 100), (12_000, 300)]  # (tokens, prompt) per response
 
 
-def _example_worker(rank, world, tmp):
+def one_rl_step(cfg, docs, plens) -> dict:
+    """One T1 step as the loop runs it on ``docs`` (token lists with prompt lengths ``plens``):
+    packing, policy and anchor log-prob passes, one optimizer step with +-1 advantages. Needs
+    ``init_parallel`` done; also used by tests/gpu/test_gpu_long_context.py."""
     import time
 
     import torch
 
-    from megatron_t1.config import load_config
     from megatron_t1.data.packing import schedule_shape
     from megatron_t1.data.rl_batch import collate_rl_rank, plan_rl_packing
     from megatron_t1.mcore.anchor_store import AnchorStore
     from megatron_t1.mcore.model import build_model, packed_layout
-    from megatron_t1.mcore.parallel import destroy_parallel, init_parallel
     from megatron_t1.mcore.rl_forward import compute_logprobs, rl_forward_step
     from megatron_t1.mcore.train_step import build_optimizer, train_step
 
-    from pathlib import Path
-
-    example = Path(__file__).resolve().parents[2] / "examples" / "qwen2.5_32b" / "rl.yaml"
-    cfg = load_config(example, EXAMPLE_OVERRIDES + [f"run.output_dir={tmp}"])
-    p, seq = cfg.parallel, cfg.data.seq_length
-    res = {
-        "settings": (p.sequence_parallel, cfg.loss.fused_output_layer, seq, cfg.model.recompute,
-                     p.use_distributed_optimizer),
-    }  # fmt: skip
-    init_parallel(p, seed=3, device="cpu")
     chunks = build_model(cfg)
     opt, sched = build_optimizer(cfg, chunks)
     anchor = AnchorStore(chunks, cfg.anchor)
-    layout = packed_layout(cfg)
-    g = torch.Generator().manual_seed(2)
-    docs = [torch.randint(0, 1000, (n,), generator=g).tolist() for n, _ in EXAMPLE_DOCS]
-    plens = [pl for _, pl in EXAMPLE_DOCS]
-    plan = plan_rl_packing([len(d) for d in docs], seq, dp=1, micro_batch_size=cfg.data.micro_batch_size)
+    layout, seq, micro = packed_layout(cfg), cfg.data.seq_length, cfg.data.micro_batch_size
+    plan = plan_rl_packing([len(d) for d in docs], seq, dp=1, micro_batch_size=micro)
     mbs = collate_rl_rank(plan, 0, docs, plens, pad_id=0, layout=layout)
-    s, b = schedule_shape(layout, seq, cfg.data.micro_batch_size)
-    kw = dict(temperature=cfg.rollout.temperature, vocab_size=cfg.model.vocab_size, seq_length=s,
-              micro_batch_size=b, fused_output_layer=True)  # fmt: skip
+    s, b = schedule_shape(layout, seq, micro)
+    tau, vocab = cfg.rollout.temperature, cfg.model.vocab_size
+    kw = dict(temperature=tau, vocab_size=vocab, seq_length=s, micro_batch_size=b,
+              fused_output_layer=cfg.loss.fused_output_layer)  # fmt: skip
+    on_gpu = torch.cuda.is_available() and cfg.run.device != "cpu"
+    if on_gpu:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
     t = time.perf_counter()
     pol = compute_logprobs(chunks, mbs, **kw)
     with anchor.swapped_in():
@@ -384,24 +378,47 @@ def _example_worker(rank, world, tmp):
     G = sum(len(d) - pl for d, pl in zip(docs, plens))
     for i, mb in enumerate(mbs):
         mb["advantages"] = torch.where(mb["doc_ids"] % 2 == 0, 1.0, -1.0) * mb["loss_mask"]
-        mb["anchor_logprobs"] = anc[i]["logprobs"]
-        mb["rollout_logprobs"] = pol[i]["logprobs"]
-    fn = lambda it, m: rl_forward_step(  # noqa: E731
-        it, m, loss_config=cfg.loss, temperature=cfg.rollout.temperature, vocab_size=cfg.model.vocab_size,
-        global_num_tokens=G, global_num_seqs=len(docs),
-    )  # fmt: skip
-    out = train_step(chunks, opt, sched, fn, mbs, seq_length=s, micro_batch_size=b)
-    res.update(
-        layout=layout,
-        rows=len(mbs),
-        G=G,
-        loss=out.loss,
-        grad_norm=out.grad_norm,
-        skipped=out.skipped,
-        kl=out.metrics.get("kl"),
-        anchor_equal=max(float((a["logprobs"] - p_["logprobs"]).abs().max()) for a, p_ in zip(anc, pol)),
-        seconds=time.perf_counter() - t,
-    )
+        mb["anchor_logprobs"], mb["rollout_logprobs"] = anc[i]["logprobs"].cpu(), pol[i]["logprobs"].cpu()
+
+    def step_fn(it, m):
+        return rl_forward_step(
+            it, m, loss_config=cfg.loss, temperature=tau, vocab_size=vocab, global_num_tokens=G,
+            global_num_seqs=len(docs),
+        )  # fmt: skip
+
+    out = train_step(chunks, opt, sched, step_fn, mbs, seq_length=s, micro_batch_size=b)
+    res = {
+        "layout": layout,
+        "rows": len(mbs),
+        "G": G,
+        "loss": out.loss,
+        "grad_norm": out.grad_norm,
+        "skipped": out.skipped,
+        "anchor_equal": max(float((a["logprobs"] - p_["logprobs"]).abs().max()) for a, p_ in zip(anc, pol)),
+        "seconds": time.perf_counter() - t,
+    }
+    if on_gpu:
+        res |= {"peak_above_gib": (torch.cuda.max_memory_allocated() - base) / 2**30, "resident_gib": base / 2**30}
+    return res
+
+
+def _example_worker(rank, world, tmp):
+    from pathlib import Path
+
+    import torch
+
+    from megatron_t1.config import load_config
+    from megatron_t1.mcore.parallel import destroy_parallel, init_parallel
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "qwen2.5_32b" / "rl.yaml"
+    cfg = load_config(example, EXAMPLE_OVERRIDES + [f"run.output_dir={tmp}"])
+    p = cfg.parallel
+    settings = (p.sequence_parallel, cfg.loss.fused_output_layer, cfg.data.seq_length, cfg.model.recompute,
+                p.use_distributed_optimizer)  # fmt: skip
+    init_parallel(p, seed=3, device="cpu")
+    g = torch.Generator().manual_seed(2)
+    docs = [torch.randint(0, 1000, (n,), generator=g).tolist() for n, _ in EXAMPLE_DOCS]
+    res = {"settings": settings, **one_rl_step(cfg, docs, [pl for _, pl in EXAMPLE_DOCS])}
     destroy_parallel()
     return res
 

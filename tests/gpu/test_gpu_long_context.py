@@ -101,16 +101,9 @@ def test_thd_rows_under_te_attention_equal_documents_alone(tmp_path):
 
 
 def _layer_step(tmp, tp: int, sp: bool) -> dict:
-    import torch
-
     from megatron_t1.config import config_from_dict
-    from megatron_t1.data.packing import schedule_shape
-    from megatron_t1.data.rl_batch import collate_rl_rank, plan_rl_packing
-    from megatron_t1.mcore.anchor_store import AnchorStore
-    from megatron_t1.mcore.model import build_model
     from megatron_t1.mcore.parallel import destroy_parallel, init_parallel
-    from megatron_t1.mcore.rl_forward import compute_logprobs, rl_forward_step
-    from megatron_t1.mcore.train_step import build_optimizer, train_step
+    from tests.dist.test_long_context import one_rl_step
 
     cfg = config_from_dict(
         {
@@ -125,41 +118,7 @@ def _layer_step(tmp, tp: int, sp: bool) -> dict:
         }
     )  # fmt: skip
     init_parallel(cfg.parallel, seed=3, device="cuda")
-    chunks = build_model(cfg)
-    opt, sched = build_optimizer(cfg, chunks)
-    anchor = AnchorStore(chunks, cfg.anchor)
-    docs = _docs(cfg.model.vocab_size, [n for n, _ in RESPONSES])
-    plens = [p for _, p in RESPONSES]
-    plan = plan_rl_packing([len(d) for d in docs], SEQ, dp=1, micro_batch_size=1)
-    mbs = collate_rl_rank(plan, 0, docs, plens, pad_id=0)
-    s, b = schedule_shape("thd", SEQ, 1)
-    kw = dict(temperature=1.2, vocab_size=cfg.model.vocab_size, seq_length=s, micro_batch_size=b,
-              fused_output_layer=True)  # fmt: skip
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    pol = compute_logprobs(chunks, mbs, **kw)
-    with anchor.swapped_in():
-        anc = compute_logprobs(chunks, mbs, **kw)
-    G = sum(len(d) - p for d, p in zip(docs, plens))
-    for i, mb in enumerate(mbs):
-        mb["advantages"] = torch.where(mb["doc_ids"] % 2 == 0, 1.0, -1.0) * mb["loss_mask"]
-        mb["anchor_logprobs"], mb["rollout_logprobs"] = anc[i]["logprobs"].cpu(), pol[i]["logprobs"].cpu()
-
-    def step_fn(it, m):
-        return rl_forward_step(
-            it, m, loss_config=cfg.loss, temperature=1.2, vocab_size=cfg.model.vocab_size,
-            global_num_tokens=G, global_num_seqs=3,
-        )  # fmt: skip
-
-    out = train_step(chunks, opt, sched, step_fn, mbs, seq_length=s, micro_batch_size=b)
-    res = {
-        "loss": out.loss,
-        "grad_norm": out.grad_norm,
-        "skipped": out.skipped,
-        "peak_above_gib": (torch.cuda.max_memory_allocated() - base) / 2**30,
-        "resident_gib": base / 2**30,
-    }
+    res = one_rl_step(cfg, _docs(cfg.model.vocab_size, [n for n, _ in RESPONSES]), [p for _, p in RESPONSES])
     destroy_parallel()
     return res
 
