@@ -2,11 +2,11 @@
 
 ``python -m megatron_t1 plan --config FILE [--job slurm/X.sh | --nodes N --gpus-per-node G] --gpu-mem 80``
 prints, for the worst pipeline stage, the bytes of every resident tensor class in the phases of a
-colocated T1 run (train, weight sync, rollout) and exits 0 when all fit, 3 when one does not (with
-the single changes of TP, PP, micro-batch, recompute, ... that make it fit). The job's shape comes
-from ``--nodes`` / ``--gpus-per-node``, else from the ``#SBATCH`` lines of ``--job``, else from the
-Slurm allocation it runs in; failing all three it plans the fewest nodes that hold one model replica
-and says so. Pure Python: no torch, megatron or vllm import.
+colocated T1 run (train, anchor log-probs, weight sync, rollout) and exits 0 when all fit, 3 when one
+does not (with the single changes of TP, PP, micro-batch, recompute, ... that make it fit). The job's
+shape comes from ``--nodes`` / ``--gpus-per-node``, else from the ``#SBATCH`` lines of ``--job``, else
+from the Slurm allocation it runs in; failing all three it plans the fewest nodes that hold one model
+replica and says so. Pure Python: no torch, megatron or vllm import.
 
 Sources and the published figures this is checked against (tests/unit/test_plan.py):
 
@@ -22,11 +22,14 @@ Sources and the published figures this is checked against (tests/unit/test_plan.
   layers and reduces exactly to those formulas for a GPT-3 layer (GELU MLP of 4h, MHA, dropout,
   unfused attention), which the tests check. For our layers it differs where the layer differs:
   SwiGLU saves its fc1 output (2 x ffn wide) and its product (ffn wide): 6*ffn bytes per token
-  instead of 16h; GQA saves K and V of ``num_query_groups`` heads only; dropout is 0 (no masks);
-  flash attention (TransformerEngine, the cluster default) saves its output and the fp32
-  log-sum-exp (4 B per head and token) instead of the [a, s, s] scores; Megatron's local (unfused)
-  attention with ``attention_softmax_in_fp32`` saves the fp32 softmax and its bf16 copy (6 B per
-  score, matching the H100 measurement in bench/RESULTS.md). RoPE's rotated copies are not counted.
+  instead of 16h, and, unfused (``bias_activation_fusion`` off, ours), silu(gate) and the
+  ``x_linear + glu_linear_offset`` copy (+4*ffn); GQA saves K and V of ``num_query_groups`` heads
+  only; dropout is 0 (no masks); flash attention (TransformerEngine, the cluster default) saves its
+  output and the fp32 log-sum-exp (4 B per head and token) instead of the [a, s, s] scores;
+  Megatron's local (unfused) attention with ``attention_softmax_in_fp32`` saves the fp32 softmax and
+  its bf16 copy (6 B per score, matching the H100 measurement in bench/RESULTS.md); the unfused RoPE
+  (``apply_rope_fusion`` off) saves rotated Q, K and the cos / sin it multiplies them by. Checked on
+  CPU against the tensors autograd saves and the measured peak (tests/unit/test_plan_measured.py).
 * Parameter counts are exact sums of tensor shapes (vocabulary padded as Megatron pads it for TP) and
   reduce to Megatron's ``theoretical_memory_usage.py`` formula plus biases; unpadded they match the
   published sizes (Qwen2.5-7B 7.61B / 6.53B non-embedding, GLM-4-9B 9.40B, GPT-3 175B by Narayanan et
@@ -37,16 +40,37 @@ Assumptions (each is a line of the printed table, so a wrong one is visible):
 * Pipeline: 1F1B; stage i holds min(m, pp - i) micro-batches in flight (m micro-batches per step);
   interleaving multiplies the first stage's by 1 + (pp - 1)/(pp * vpp) and is applied to every stage.
   Stage 0 also holds the input embedding, the last stage the final norm, output layer and logits.
-* Logits on the last stage, [tokens, V_pad/t]: SFT's vocab-parallel cross-entropy holds the bf16
-  logits, their fp32 copy and, in backward, the bf16 gradient (2 + 4 + 2 B; the last 2 B were missing
-  until the 2026-11-26 H200 rows of bench/RESULTS.md showed a miss of 2 B per logit); the RL loss
-  (``megatron_t1.rl.logprobs``) keeps the bf16 logits and allocates their bf16 gradient (2 + 2 B)
-  plus three fp32 chunk tiles; with ``loss.fused_output_layer`` only the tiles (about 16M logits
-  each, or ``loss.chunk_size`` rows).
+* Micro-batches stay on the CPU and move to the GPU when the schedule takes one
+  (``mcore.forward.on_device``): each in flight holds its packed-row tensors, 40 B per token of int64
+  (tokens, labels, positions, two document ids) and 4 B per fp32 field (loss mask, rollout / anchor /
+  old log-probs, advantages; ``data.rl_batch.collate_rl_rank``), and with the ``mask`` layout
+  (``data.packing``; auto picks it only for unfused attention) a b*S*S-byte bool mask.
+* Logits on the last stage, [T tokens, V = V_pad/t]: SFT's vocab-parallel cross-entropy holds the
+  bf16 logits and their fp32 copy in forward, the fp32 softmax and the bf16 gradient cast from it in
+  backward: 2 + 4 B per logit (measured on CPU: 6.00 B). The H200 miss of bench/RESULTS.md
+  (2026-11-26, ~270 KB per token of a Qwen2.5-0.5B micro-batch) once booked as a third 2 B per logit
+  is the SwiGLU ``x_linear`` copy and RoPE's cos / sin (246 KB per token there), which autograd was
+  seen to save on CPU; the three SDPA rows plan 26.7 / 45.1 / 26.7 GiB against 26.9 / 45.5 / 26.9. The RL
+  loss over logits (``megatron_t1.rl.logprobs``) keeps the logits for backward and allocates their
+  gradient (2 x e B per logit) plus fp32 [rows, V] scratch chunks of 16M logits (1M on CPU; rows =
+  ``loss.chunk_size`` if set): two, one for fp32 logits. With ``loss.fused_output_layer`` there are
+  no logits: two fp32 tiles of 16M logits (4096 x 4096 on GPU; 512 x 1024 on CPU) and, in backward,
+  fp32 accumulators of the gradients of the hidden states [T, h] and of the weight shard [V, h]
+  (``megatron_t1.rl.fused``); under SP the fused function saves the gathered [T, h] hidden states
+  (not T/t), where the output layer over logits saves its SP shard.
+* RL log-prob outputs: each pass (policy, anchor) returns fp32 log-probs and entropies of every token
+  of the step on the last stage (8 B per token and pass); the loop copies what the micro-batches need
+  to the CPU and frees them after the advantages, so they count in the anchor log-probs phase only.
 * Full recompute keeps each layer's input and, during backward, one layer's full activations.
 * Anchor (RL only): sharded like the policy (TP/PP), replicated over DP; fp32 when it is an EMA
   (T1: in bf16 the EMA step is below half an ulp), in the policy's precision for resets or a frozen
-  anchor; 0 on GPU with ``anchor.offload_to_cpu``.
+  anchor; 0 on GPU with ``anchor.offload_to_cpu``. **Anchor log-probs** phase: the anchor's pass runs
+  the policy's modules with the anchor's weights swapped in (``mcore.anchor_store.swapped_in``) while
+  the policy's own stay resident: a copy of the anchor in the policy's dtype on the GPU (e B per
+  parameter) when it is an fp32 EMA under a bf16 policy or offloaded, none otherwise; plus a
+  forward-only working set (the stage input and the larger of one layer's live tensors without grad
+  and, on the last stage, the output layer's hidden states with its logits or fused tiles), one
+  micro-batch and the log-prob outputs of both passes.
 * RL is colocated, and the phases are the RL loop's (``megatron_t1/train/rl.py`` with
   ``megatron_t1/rollout/distributed.py``): every GPU hosts a slice of one vLLM engine of
   ``vllm_tensor_parallel_size`` GPUs, the engines tiling each node (a placement that does not is a
@@ -56,10 +80,11 @@ Assumptions (each is a line of the printed table, so a wrong one is visible):
   weights wake (bf16, split over its TP) and the export streams the policy through its double-buffered
   buckets (per slot: the full bucket, its TP-gathered shards and the packed local shards; a bucket is
   ``rollout.bucket_mb`` or the largest tensor, whichever is larger), which go back to the allocator
-  before the KV cache wakes. **Rollout**: the trainer's weights, grads, optimizer states and anchor stay
-  (nothing is offloaded while vLLM generates) plus vLLM's share ``gpu_memory_utilization * gpu_mem``,
-  which vLLM fills with its weights, ``VLLM_OVERHEAD_GIB`` of activations and CUDA graphs, and the KV
-  cache in the rest. KV per token and GPU: 2 (K, V) * layers * max(1, groups / vllm_tp) * head_dim * 2 B.
+  before the KV cache wakes. **Rollout**: the trainer's weights, grads, optimizer states and anchor
+  stay (nothing is offloaded while vLLM generates) plus vLLM's share
+  ``gpu_memory_utilization * gpu_mem``, which vLLM fills with its weights, ``VLLM_OVERHEAD_GIB`` of
+  activations and CUDA graphs, and the KV cache in the rest. KV per token and GPU: 2 (K, V) * layers
+  * max(1, groups / vllm_tp) * head_dim * 2 B.
 * ``reserve_gib`` (default 3) covers the CUDA context, NCCL buffers and allocator fragmentation.
   ``--gpu-mem`` is in GiB (an H100 80GB has 79.6 GiB).
 """
@@ -82,13 +107,19 @@ VLLM_OVERHEAD_GIB = 2.5
 default max_num_batched_tokens, CUDA graphs, sampler buffers)."""
 VLLM_ASLEEP_GIB = 1.5
 """What a sleeping colocated vLLM still holds during the train phase (CUDA-graph pools, NCCL)."""
-FUSED_TILE_ELEMENTS = 1 << 24
-"""Logits per chunk tile of the RL log-prob / entropy on GPU (``megatron_t1.rl.logprobs``)."""
+CHUNK_ELEMENTS = {"cuda": 1 << 24, "cpu": 1 << 20}
+"""Logits per fp32 scratch chunk of the RL log-prob / entropy over logits (``megatron_t1.rl.logprobs``
+``_GPU_CHUNK_ELEMENTS`` / ``_CPU_CHUNK_ELEMENTS``); the fused output layer's tiles hold this many on
+GPU and half of it on CPU (``megatron_t1.rl.fused.tile_shape``)."""
+MB_INT64_FIELDS = {"sft": 4, "rl": 5}
+"""int64 [tokens] tensors of a micro-batch: SFT ``collate_packed`` tokens, labels, position_ids,
+segment_ids; RL ``collate_rl_rank`` tokens, labels, position_ids, seq_ids, doc_ids."""
 
 __all__ = [
     "GIB", "Item", "Phase", "Plan", "PlanInputs", "add_arguments", "count_parameters", "export_buffer_bytes",
     "format_plan", "inputs_from_config", "job_shape", "kv_bytes_per_token", "layer_activation_bytes",
-    "optimizer_bytes_per_param", "plan_memory", "rank_parameters", "run", "suggest",
+    "layer_forward_bytes", "logits_bytes", "microbatch_bytes", "optimizer_bytes_per_param", "plan_memory",
+    "rank_parameters", "run", "suggest",
 ]  # fmt: skip
 
 
@@ -128,6 +159,11 @@ class PlanInputs:
     global_batch: int = 1
     recompute: Literal["none", "selective", "full"] = "none"
     attention: Literal["flash", "unfused"] = "flash"
+    packing: Literal["auto", "thd", "mask"] = "auto"
+    """``data.packing``: thd (``cu_seqlens``) or a dense [b, 1, S, S] bool mask per micro-batch;
+    auto: thd unless the attention is unfused (Megatron's, which has no THD path)."""
+    device: Literal["cuda", "cpu"] = "cuda"
+    """Where the step runs; only the loss's chunk / tile sizes depend on it (CPU: the measured test)."""
     # RL
     mode: Literal["sft", "rl"] = "sft"
     anchor: Literal["ema", "copy"] = "ema"
@@ -135,6 +171,8 @@ class PlanInputs:
     anchor_offload: bool = False
     fused_output_layer: bool = False
     chunk_size: int | None = None
+    optim_steps_per_batch: int = 1
+    """> 1: the micro-batches also carry ``old_logprobs`` (``megatron_t1/train/rl.py``)."""
     vllm_util: float = 0.5
     vllm_tp: int = 1
     engines_per_node: int = 1
@@ -168,6 +206,13 @@ class PlanInputs:
     @property
     def micro_batches(self) -> int:
         return max(1, self.global_batch // (self.micro_batch * self.dp))
+
+    @property
+    def layout(self) -> str:
+        """The packed layout the run uses: "thd" or "mask" (``mcore.model.packed_layout``)."""
+        if self.packing == "auto":
+            return "mask" if self.attention == "unfused" else "thd"
+        return self.packing
 
     @property
     def elem(self) -> int:
@@ -207,9 +252,10 @@ def inputs_from_config(
         tp=p.tp, pp=p.pp, vpp=p.virtual_pipeline_model_parallel_size, sp=p.sequence_parallel,
         dist_opt=p.use_distributed_optimizer, micro_batch=d.micro_batch_size, seq_length=d.seq_length,
         global_batch=rows if mode == "rl" else d.global_batch_size, recompute=m.recompute,
-        attention=attention, mode=mode,
+        attention=attention, packing=d.packing, mode=mode,
         anchor="ema" if cfg.anchor.ema is not None else "copy", anchor_offload=cfg.anchor.offload_to_cpu,
         fused_output_layer=cfg.loss.fused_output_layer, chunk_size=cfg.loss.chunk_size,
+        optim_steps_per_batch=cfg.loss.optim_steps_per_batch,
         vllm_util=cfg.rollout.gpu_memory_utilization, vllm_tp=cfg.rollout.vllm_tensor_parallel_size,
         engines_per_node=engines, max_new_tokens=cfg.rollout.max_new_tokens, bucket_mb=cfg.rollout.bucket_mb,
         nodes=nodes, gpus_per_node=gpus_per_node, gpu_mem_gib=gpu_mem_gib, reserve_gib=reserve_gib,
@@ -339,43 +385,153 @@ def layer_activation_bytes(
     token) e for the softmax output (+4 when it is computed in fp32 and cast back; +1 mask +e output
     with attention dropout); flash, 4 B of log-sum-exp per head. ``recompute='selective'`` drops the
     core-attention term; ``'full'`` keeps only the layer input e*h (split over TP with SP).
-    Two terms of our Megatron settings (``bias_activation_fusion`` and ``apply_rope_fusion`` off):
-    the unfused SwiGLU also saves silu(gate) (+e*f; ``swiglu_fused`` recomputes it), and the unfused
-    RoPE saves rotated copies of Q and K while V keeps the QKV output alive (+e*(q + kv),
-    ``rope_copies``). GPT-3 (f = 4h, GELU, no RoPE, a = heads, dropout, e = 2, 16-bit softmax)
-    gives s*b*h*(34 + 5*a*s/h).
+    Terms of our Megatron settings (``bias_activation_fusion`` and ``apply_rope_fusion`` off):
+    the unfused SwiGLU also saves silu(gate) and ``x_linear + glu_linear_offset`` (a copy even at
+    offset 0; +2e*f, ``swiglu_fused`` saves neither), and the unfused RoPE saves rotated copies of Q
+    and K while V keeps the QKV output alive (+e*(q + kv)) plus the cos and sin it multiplies Q and K
+    by (+4e per head_dim and token, on every TP rank: ``rope_copies``). GPT-3 (f = 4h, GELU, no RoPE,
+    a = heads, dropout, e = 2, 16-bit softmax) gives s*b*h*(34 + 5*a*s/h).
     """
     if recompute == "full":
         return elem * s * b * h / (tp if sp else 1)
     replicated = 4 * elem * h + (2 * h if hidden_dropout else 0)
     sharded = elem * (q_width + 2 * kv_width) + elem * q_width
     sharded += elem * ffn * (2 if swiglu else 1) + elem * ffn
+    unsplit = 0.0
     if swiglu and not swiglu_fused:
-        sharded += elem * ffn
+        sharded += 2 * elem * ffn
     if rope_copies:
         sharded += elem * (q_width + kv_width)
+        unsplit += 4 * elem * (q_width // heads)
     if recompute != "selective":
         if attention == "unfused":
             per_score = elem + (4 if softmax_fp32 else 0) + ((1 + elem) if attention_dropout else 0)
             sharded += per_score * heads * s
         else:
             sharded += 4 * heads
-    per_token = replicated / (tp if sp else 1) + sharded / tp
+    per_token = replicated / (tp if sp else 1) + sharded / tp + unsplit
     return per_token * s * b
 
 
-def logits_bytes(x: PlanInputs) -> tuple[float, str]:
-    """Peak bytes of the output-layer logits and loss temporaries on the last stage (one micro-batch)."""
+def layer_forward_bytes(
+    *,
+    s: int,
+    b: int,
+    h: int,
+    heads: int,
+    q_width: int,
+    kv_width: int,
+    ffn: int,
+    tp: int = 1,
+    sp: bool = False,
+    swiglu: bool = True,
+    attention: str = "flash",
+    elem: int = 2,
+    softmax_fp32: bool = True,
+    rope_copies: bool = True,
+    swiglu_fused: bool = False,
+    **_saved_only,
+) -> float:
+    """Peak bytes of one transformer layer's live tensors in a forward without grad (the RL log-prob
+    passes), one micro-batch of b x s tokens on one GPU; nothing is saved for backward.
+
+    Per token (e = ``elem`` bytes; "split" = divided by TP with SP): the layer input e*h (split; held
+    by the caller until the layer returns) plus the larger sublayer's live tensors. Attention: its
+    norm output e*h (split, plus the TP-gathered e*h with SP) and, divided by TP, QKV e*(q + 2kv), the
+    rotated Q, K e*(q + kv) with RoPE's intermediates while Q rotates (2e*q), the core-attention
+    output e*q and flash's log-sum-exp (4 B per head; unfused: per score the scores e, their fp32 copy
+    and fp32 softmax 8 B, the probabilities e). MLP: the post-attention residual e*h (split), its norm
+    output (as above) and, divided by TP, the fc1 output e*f*(2 if SwiGLU), silu(gate) and
+    ``x_linear + offset`` (2e*f, unless fused) and the activation output e*f. The stage's input (the
+    embedding output, held by the model's forward) is the caller's to add. ``_saved_only`` takes the
+    dropout / recompute keywords of :func:`layer_activation_bytes`, which change no no-grad forward.
+    """
+    split = tp if sp else 1
+    normed = elem * h / split + (elem * h if sp and tp > 1 else 0)
+    attn = elem * (q_width + 2 * kv_width) + elem * q_width
+    if rope_copies:
+        attn += elem * (q_width + kv_width) + 2 * elem * q_width
+    if attention == "unfused":
+        attn += ((2 * elem + 8) if softmax_fp32 else 2 * elem) * heads * s
+    else:
+        attn += 4 * heads
+    mlp = elem * ffn * (2 if swiglu else 1) + elem * ffn
+    if swiglu and not swiglu_fused:
+        mlp += 2 * elem * ffn
+    per_token = elem * h / split + normed + max(attn / tp, elem * h / split + mlp / tp)
+    return per_token * s * b
+
+
+def microbatch_bytes(x: PlanInputs, *, train: bool = True) -> tuple[float, str]:
+    """Bytes of one micro-batch's tensors on the device (moved there when the schedule takes it,
+    ``mcore.forward.on_device``): int64 tokens, labels, position_ids and (RL) seq_ids, doc_ids or
+    (SFT) segment_ids; fp32 loss_mask and, in RL, rollout_logprobs, plus for training (``train``)
+    anchor_logprobs, advantages and, with ``optim_steps_per_batch > 1``, old_logprobs
+    (``data.rl_batch.collate_rl_rank``, ``train/rl.py``). THD adds ``cu_seqlens`` (a few bytes per
+    document, not counted); the mask layout a [b, 1, S, S] bool mask."""
     tokens = x.seq_length * x.micro_batch
-    cols = x.vocab_padded / x.tp
-    rows = x.chunk_size or max(1, FUSED_TILE_ELEMENTS // int(cols))
-    tiles = 3 * 4 * min(rows, tokens) * cols
+    ints = MB_INT64_FIELDS[x.mode]
+    floats = 1
+    if x.mode == "rl":
+        floats = 2 + ((2 + (x.optim_steps_per_batch > 1)) if train else 0)
+    per_token = 8 * ints + 4 * floats
+    how = f"{per_token} B/token ({ints} int64 + {floats} fp32)"
+    total = float(per_token * tokens)
+    if x.layout == "mask":
+        mask = x.micro_batch * x.seq_length**2
+        total += mask
+        how += f" + [{x.micro_batch}, 1, {x.seq_length}, {x.seq_length}] bool mask ({mask / 2**20:.0f} MiB)"
+    else:
+        how += ", THD"
+    return total, how
+
+
+def _fused_tile(x: PlanInputs, tokens: int, cols: int) -> tuple[int, int]:
+    """(rows, columns) of the fused output layer's tiles (``megatron_t1.rl.fused.tile_shape``)."""
+    budget = CHUNK_ELEMENTS[x.device] // (2 if x.device == "cpu" else 1)
+    rows = max(1, min(x.chunk_size or 1 << (int(math.log2(budget)) // 2), tokens))
+    return rows, max(1, min(cols, budget // rows))
+
+
+def logits_bytes(x: PlanInputs, *, forward_only: bool = False) -> tuple[float, str]:
+    """Peak bytes of the output-layer logits and loss temporaries on the last stage (one micro-batch of
+    T tokens, V = V_pad / TP columns), for the training step or (``forward_only``) a log-prob pass.
+
+    SFT (Megatron's vocab-parallel cross-entropy): the logits and their fp32 copy in forward, the
+    fp32 softmax and the gradient cast from it in backward (e + 4 B per logit either way; 4 B in
+    fp32). RL over logits (``megatron_t1.rl.logprobs``): the logits e*T*V saved for backward, their
+    gradient (``empty_like``, e*T*V) and fp32 [rows, V] scratch chunks of ``CHUNK_ELEMENTS`` logits
+    (rows = ``loss.chunk_size`` if set): two, or one for fp32 logits (the gradient chunk is used in
+    place); a log-prob pass holds the logits and two chunks. Fused output layer
+    (``megatron_t1.rl.fused``): no logits; two fp32 [rows, Vb] tiles, and in backward the fp32
+    accumulators of dL/dhidden [T, h] and dL/dweight [V, h] (for bf16 inputs; for fp32 ones they are
+    the returned gradients themselves, the same bytes).
+    """
+    tokens = x.seq_length * x.micro_batch
+    cols = int(x.vocab_padded // x.tp)
     if x.mode == "sft":
-        # The CE backward's gradient is cast back to the logits' dtype while the fp32 buffer lives.
-        return (2 * x.elem + 4) * tokens * cols, f"[{tokens} x {int(cols)}] logits + fp32 copy + grad (CE)"
+        # Forward: the logits and the CE's fp32 copy; backward: that fp32 softmax, turned into the
+        # gradient in place, and the gradient autograd casts back to the logits' dtype. fp32 logits:
+        # ``.float()`` is the same tensor and no cast happens.
+        per = x.elem + 4 if x.precision == "bf16" else 4
+        return float(per * tokens * cols), f"[{tokens} x {cols}] logits + fp32 copy / grad (CE, {per} B each)"
     if x.fused_output_layer:
-        return tiles, f"fused output layer: 3 fp32 tiles of [{min(rows, tokens)} x {int(cols)}]"
-    return 2 * x.elem * tokens * cols + tiles, f"[{tokens} x {int(cols)}] logits + their grad + 3 tiles"
+        rows, vb = _fused_tile(x, tokens, cols)
+        tiles = 2 * 4 * rows * vb
+        how = f"fused output layer: 2 fp32 tiles of [{rows} x {vb}]"
+        if forward_only:
+            return float(tiles), how
+        acc = 4 * (tokens + cols) * x.hidden
+        return float(tiles + acc), how + f" + fp32 grads [{tokens} x {x.hidden}], [{cols} x {x.hidden}]"
+    rows = max(1, min(tokens, x.chunk_size or CHUNK_ELEMENTS[x.device] // cols))
+    chunk = 4 * rows * cols
+    logits = x.elem * tokens * cols
+    if forward_only:
+        return float(logits + 2 * chunk), f"[{tokens} x {cols}] logits + 2 fp32 chunks of [{rows} x {cols}]"
+    n = 1 if x.precision == "fp32" else 2
+    return float(2 * logits + n * chunk), (
+        f"[{tokens} x {cols}] logits + their grad + {n} fp32 chunk{'s' if n > 1 else ''} of [{rows} x {cols}]"
+    )
 
 
 def export_buffer_bytes(x: PlanInputs) -> tuple[float, str]:
@@ -418,6 +574,8 @@ class Item:
 class Phase:
     name: str
     items: list[Item]
+    stage: int | None = None
+    """The pipeline stage whose GPU this is (the phase's worst; printed when not the plan's)."""
 
     @property
     def total(self) -> float:
@@ -463,6 +621,10 @@ def _layout_problems(x: PlanInputs) -> list[str]:
             out.append(f"TP={x.tp} does not divide {name} ({n})")
     if x.tp > x.gpus_per_node:
         out.append(f"TP={x.tp} spans nodes (gpus_per_node={x.gpus_per_node}): TP needs NVLink")
+    if x.attention == "unfused" and x.layout == "thd":
+        out.append(
+            "data.packing=thd with unfused (Megatron) attention, which has no THD path: use mask or auto"
+        )
     stages = x.pp * (x.vpp or 1)
     if x.num_layers % stages:
         out.append(f"PP x VPP = {stages} does not divide {x.num_layers} layers")
@@ -482,8 +644,35 @@ def _layout_problems(x: PlanInputs) -> list[str]:
     return out
 
 
-def _stage_items(x: PlanInputs, stage: int) -> tuple[list[Item], list[Item], float]:
-    """(resident items, activation items, params) of one GPU of ``stage``."""
+def _layer_kw(x: PlanInputs) -> dict:
+    return dict(
+        s=x.seq_length,
+        b=x.micro_batch,
+        h=x.hidden,
+        heads=x.heads,
+        q_width=x.heads * x.head_dim,
+        kv_width=x.groups * x.head_dim,
+        ffn=x.ffn,
+        tp=x.tp,
+        sp=x.sp,
+        swiglu=x.swiglu,
+        attention=x.attention,
+        elem=x.elem,
+        hidden_dropout=x.hidden_dropout,
+        attention_dropout=x.attention_dropout,
+        softmax_fp32=x.softmax_fp32,
+        rope_copies=x.rope_copies,
+        swiglu_fused=x.swiglu_fused,
+    )
+
+
+def _step_tokens(x: PlanInputs) -> int:
+    """Tokens of one step on one DP rank (all its micro-batches)."""
+    return x.micro_batches * x.micro_batch * x.seq_length
+
+
+def _resident_items(x: PlanInputs, stage: int) -> tuple[list[Item], float]:
+    """(what one GPU of ``stage`` holds in every phase, its parameters)."""
     n = rank_parameters(x, stage)
     bpp = optimizer_bytes_per_param(x.precision, x.dist_opt, x.dp)
     wname = "bf16" if x.precision == "bf16" else "fp32"
@@ -507,28 +696,28 @@ def _stage_items(x: PlanInputs, stage: int) -> tuple[list[Item], list[Item], flo
             resident.append(Item("anchor", 0.0, host))
         else:
             resident.append(Item("anchor", ab * n, f"{ab} B ({kind}) x {pn}"))
+    return resident, n
 
-    s, b = x.seq_length, x.micro_batch
-    q_w, kv_w = x.heads * x.head_dim, x.groups * x.head_dim
-    kw = dict(
-        s=s,
-        b=b,
-        h=x.hidden,
-        heads=x.heads,
-        q_width=q_w,
-        kv_width=kv_w,
-        ffn=x.ffn,
-        tp=x.tp,
-        sp=x.sp,
-        swiglu=x.swiglu,
-        attention=x.attention,
-        elem=x.elem,
-        hidden_dropout=x.hidden_dropout,
-        attention_dropout=x.attention_dropout,
-        softmax_fp32=x.softmax_fp32,
-        rope_copies=x.rope_copies,
-        swiglu_fused=x.swiglu_fused,
-    )
+
+def _output_input_item(x: PlanInputs) -> Item:
+    """What the last stage saves for backward between the last layer and the loss."""
+    tokens = x.seq_length * x.micro_batch
+    split = x.tp if x.sp else 1
+    norm_in = x.elem * tokens * x.hidden / split
+    if x.mode == "rl" and x.fused_output_layer and split > 1:
+        # The fused function saves the sequence-gathered hidden states, not the SP shard.
+        return Item(
+            "final norm + output input",
+            norm_in + x.elem * tokens * x.hidden,
+            "[tokens/TP x h] norm input + [tokens x h] gathered hidden (fused, SP)",
+        )
+    return Item("final norm + output input", 2 * norm_in, "2 x [tokens x h] saved for backward")
+
+
+def _stage_items(x: PlanInputs, stage: int) -> tuple[list[Item], list[Item], float]:
+    """(resident items, activation items, params) of one GPU of ``stage`` in the train phase."""
+    resident, n = _resident_items(x, stage)
+    kw = _layer_kw(x)
     per_layer = layer_activation_bytes(recompute=x.recompute, **kw)
     layers = x.num_layers // x.pp
     if x.vpp:
@@ -546,40 +735,84 @@ def _stage_items(x: PlanInputs, stage: int) -> tuple[list[Item], list[Item], flo
     if x.recompute == "full":
         work = layer_activation_bytes(recompute="none", **kw)
         acts.append(Item("recompute working set", work, "one layer's activations during its backward"))
+    mb, how = microbatch_bytes(x, train=True)
+    acts.append(Item("micro-batch tensors", mb * in_flight, f"{how} x {in_flight:g} in flight"))
     if stage == x.pp - 1:
         lb, how = logits_bytes(x)
-        final = 2 * x.elem * s * b * x.hidden / (x.tp if x.sp else 1)
-        acts.append(Item("final norm + output input", final, "2 x [tokens x h] saved for backward"))
+        acts.append(_output_input_item(x))
         acts.append(Item("logits", lb, how))
     return resident, acts, n
 
 
+def _anchor_pass_items(x: PlanInputs, stage: int) -> list[Item]:
+    """What the anchor's log-prob pass adds on one GPU of ``stage`` to the resident state (RL)."""
+    n = rank_parameters(x, stage)
+    wname = "bf16" if x.precision == "bf16" else "fp32"
+    if x.anchor_offload:
+        copy, how = x.elem * n, f"{x.elem} B ({wname}) x {n / 1e9:.3f}B params copied from host memory"
+    elif x.anchor == "ema" and x.precision == "bf16":
+        copy, how = x.elem * n, f"{x.elem} B (the fp32 EMA cast to bf16) x {n / 1e9:.3f}B params"
+    else:
+        copy, how = 0.0, "the anchor has the policy's dtype and device: swapped in without a copy"
+    items = [Item("anchor in policy dtype", copy, how + " (AnchorStore.swapped_in)")]
+    mb, how = microbatch_bytes(x, train=False)
+    items.append(Item("micro-batch tensors", mb, how + " x 1 in flight (forward only)"))
+    tokens = x.seq_length * x.micro_batch
+    stage_in = x.elem * tokens * x.hidden / (x.tp if x.sp else 1)  # embedding output / received input
+    layer = layer_forward_bytes(**_layer_kw(x))
+    what = f"stage input + one layer's live tensors ({layer / 2**20:.0f} MiB, no grad)"
+    work = layer
+    if stage == x.pp - 1:
+        lb, lhow = logits_bytes(x, forward_only=True)
+        out = x.elem * tokens * x.hidden + lb  # the final (gathered) hidden states + logits or tiles
+        what = f"stage input + the larger of one layer's ({layer / 2**20:.0f} MiB, no grad) and the output"
+        what += f" layer's ({out / 2**20:.0f} MiB: [tokens x h] + {lhow})"
+        work = max(layer, out)
+        t = _step_tokens(x)
+        items.append(
+            Item(
+                "this step's log-probs",
+                16.0 * t,
+                f"16 B/token x {t}: the policy pass's and the anchor pass's fp32 log-probs and entropies "
+                "(freed after the advantages, train/rl.py)",
+            )
+        )
+    items.insert(2, Item("forward working set", work + stage_in, what))
+    return items
+
+
 def plan_memory(x: PlanInputs) -> Plan:
     """Estimate per-GPU memory of the worst pipeline stage in the train phase (and, for RL, the
-    rollout phase); see the module docstring for every assumption."""
+    anchor log-prob pass, weight sync and rollout phases); see the module docstring for every
+    assumption."""
     problems = _layout_problems(x)
     capacity = x.gpu_mem_gib * GIB
     total = count_parameters(x, padded=False).total
     if problems and (x.tp * x.pp > x.world or x.num_layers % (x.pp * (x.vpp or 1))):
         return Plan(x, total, 0, 0.0, [], capacity, problems)
     reserve = Item("reserve", x.reserve_gib * GIB, "CUDA context, NCCL buffers, allocator fragmentation")
+    asleep = Item("vLLM asleep", VLLM_ASLEEP_GIB * GIB, "CUDA graphs, communicators")
 
     best = None
-    resident = []  # of the stage with the most parameters: what stays while vLLM generates
+    best_anchor = None
+    resident, res_stage = [], 0  # of the stage with the most resident bytes: what stays while vLLM runs
     for stage in range(x.pp):
         res, acts, n = _stage_items(x, stage)
-        items = res + acts + [reserve]
-        if x.mode == "rl":
-            items.append(Item("vLLM asleep", VLLM_ASLEEP_GIB * GIB, "CUDA graphs, communicators"))
-        phase = Phase("train", items)
+        fixed = [reserve] + ([asleep] if x.mode == "rl" else [])
+        phase = Phase("train", res + acts + fixed, stage)
         if best is None or phase.total > best[1].total:
             best = (stage, phase, n)
+        if x.mode == "rl":
+            anchor_phase = Phase("anchor log-probs", res + _anchor_pass_items(x, stage) + fixed, stage)
+            if best_anchor is None or anchor_phase.total > best_anchor.total:
+                best_anchor = anchor_phase
         if sum(i.bytes for i in res) > sum(i.bytes for i in resident):
-            resident = res
+            resident, res_stage = res, stage
     stage, train, n = best
     plan = Plan(x, total, stage, n, [train], capacity, problems)
 
     if x.mode == "rl":
+        plan.phases.append(best_anchor)
         share = x.vllm_util * capacity
         vw = count_parameters(x, padded=False).total * 2 / x.vllm_tp
         kv = share - vw - VLLM_OVERHEAD_GIB * GIB
@@ -588,7 +821,7 @@ def plan_memory(x: PlanInputs) -> Plan:
         plan.kv_concurrency = max(0.0, kv) / (per_tok * max_len)
         # Both phases after training: the trainer's resident state and vLLM's woken weights.
         awake = list(resident) + [reserve, Item("vLLM weights", vw, f"bf16 / vLLM TP {x.vllm_tp}")]
-        sync = Phase("weight sync", awake + [Item("export buckets", *export_buffer_bytes(x))])
+        sync = Phase("weight sync", awake + [Item("export buckets", *export_buffer_bytes(x))], res_stage)
         rollout = Phase(
             "rollout",
             awake
@@ -600,6 +833,7 @@ def plan_memory(x: PlanInputs) -> Plan:
                     f"{per_tok / 1024:.0f} KiB/token: {plan.kv_concurrency:.1f} x {max_len}-token sequences",
                 ),
             ],
+            res_stage,
         )
         plan.phases.extend([sync, rollout])
         if kv <= 0:
@@ -643,6 +877,8 @@ def _candidates(x: PlanInputs) -> list[tuple[str, PlanInputs]]:
         out.append(("parallel.use_distributed_optimizer=true", r(x, dist_opt=True)))
     if x.mode == "rl" and not x.fused_output_layer:
         out.append(("loss.fused_output_layer=true", r(x, fused_output_layer=True)))
+    if x.layout == "mask" and x.attention != "unfused":
+        out.append(("data.packing=thd", r(x, packing="thd")))
     order = ["none", "selective", "full"]
     for rc in order[order.index(x.recompute) + 1 :]:
         out.append((f"model.recompute={rc}", r(x, recompute=rc)))
@@ -744,7 +980,8 @@ def format_plan(plan: Plan, source: str = "") -> str:
         return "\n".join(lines)
     lines.append(f"per GPU of pipeline stage {plan.stage} ({plan.stage_params / 1e9:.3f}B params), GiB:")
     for ph in plan.phases:
-        lines.append(f"  {ph.name} phase")
+        other = ph.stage is not None and ph.stage != plan.stage
+        lines.append(f"  {ph.name} phase" + (f" (pipeline stage {ph.stage})" if other else ""))
         for it in ph.items:
             lines.append(f"    {it.name:<28}{it.bytes / GIB:>8.2f}  {it.how}")
         mark = "ok" if ph.total <= plan.capacity else "OVER"

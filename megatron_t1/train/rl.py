@@ -299,6 +299,7 @@ def run_rl(cfg: Config) -> dict:
                     tis_sum += float((w * m).sum())
                     a = a * w
             mb["advantages"] = a
+        del pol, anc  # on GPU the passes' outputs; the micro-batches hold CPU copies of what they need
         # -- train: one optimizer step per mini-batch, the anchor follows every step -----------------------
         t = time.perf_counter()
         done = step + 1

@@ -155,41 +155,72 @@ def test_qwen32b_rl_plan_by_hand():
     assert round(n0 / 1e9, 3) == 2.048
 
     stored = 2 * s * h / t  # full recompute: the layer input, split by SP
+    # One layer's activations (the recompute working set). Since the planner counts what autograd was
+    # seen to save (tests/unit/test_plan_measured.py): the unfused SwiGLU's silu(gate) and its
+    # ``x_linear + glu_linear_offset`` copy (2 x 2 * f), and the unfused RoPE's cos and sin for Q and K
+    # (4 x 2 B x head_dim on every TP rank: not split).
     per_token_work = (
-        4 * 2 * h + 2 * (q + 2 * kv) + 2 * q + 2 * 2 * f + 2 * f + 2 * f + 2 * (q + kv) + 4 * 40
-    ) / t
+        4 * 2 * h + 2 * (q + 2 * kv) + 2 * q + 2 * 2 * f + 2 * f + 2 * 2 * f + 2 * (q + kv) + 4 * 40
+    ) / t + 4 * 2 * 128
     work = per_token_work * s
-    tiles = 3 * 4 * (2**24 // (v_pad // t)) * (v_pad // t)
     gib = GIB
     fixed = 3 * gib + VLLM_ASLEEP_GIB * gib
-    stage0 = 16 * n0 + stored * 32 * 2 + work + fixed  # 2 B + 4 B + 12 B / DP 2 + 4 B (fp32 anchor) = 16 B
-    stage1 = 16 * n1 + stored * 32 * 1 + work + 2 * 2 * s * h / t + tiles + fixed
+    m = 32 * 64 // dp  # micro-batches per step and DP rank: 32 prompts x 64 kept responses, one row each
+    step_tokens = m * s
+    held = 16 * step_tokens  # last stage, anchor pass only: policy + anchor log-probs, entropies (fp32)
+    mb = 56 * s  # a training micro-batch: 5 int64 + 4 fp32 [tokens] tensors (THD: no mask)
+    # The fused output layer (loss.fused_output_layer, SP): two fp32 4096 x 4096 tiles, fp32 gradient
+    # accumulators of the hidden states [s, h] and of the weight shard [V/t, h], and the fused function
+    # saves the sequence-gathered hidden states [s, h] beside the final norm's input [s/t, h].
+    tiles = 2 * 4 * 4096 * 4096
+    fused = tiles + 4 * (s + v_pad // t) * h
+    final = 2 * s * h / t + 2 * s * h
+    stage0 = 16 * n0 + stored * 32 * 2 + work + 2 * mb + fixed  # 2 + 4 + 12 / DP 2 + 4 (fp32 anchor) B
+    stage1 = 16 * n1 + stored * 32 * 1 + work + mb + final + fused + fixed
     plan = plan_memory(x)
     train = plan.phases[0]
-    assert plan.stage == (0 if stage0 > stage1 else 1)
+    assert plan.stage == (0 if stage0 > stage1 else 1) == 1
     assert train.total == pytest.approx(max(stage0, stage1), rel=1e-12)
     assert train.get("optimizer states") == pytest.approx(6 * (n0 if plan.stage == 0 else n1))
     assert train.get("anchor") == pytest.approx(4 * (n0 if plan.stage == 0 else n1))
+    assert train.get("logits") == pytest.approx(fused)
+
+    # Anchor log-probs (last stage): the fp32 EMA anchor's bf16 copy swapped into the policy's modules
+    # (2 B x params), one log-prob micro-batch (5 int64 + 2 fp32), the stage input [s/t, h] + one
+    # layer's live tensors without grad (its input, the post-attention residual, the MLP norm output
+    # + its TP-gathered copy, and fc1 out 2f + silu f + the x_linear copy f + product f per TP rank,
+    # larger than attention and than the output layer's [s, h] + tiles), the new log-probs beside
+    # the policy pass's (16 B per step token for both).
+    layer = (2 * h / t + 2 * h / t + (2 * h / t + 2 * h) + 2 * 5 * f / t) * s
+    assert layer > 2 * s * h + tiles
+    anchor = plan.phases[1]
+    assert anchor.name == "anchor log-probs" and anchor.stage == 1
+    assert anchor.get("anchor in policy dtype") == pytest.approx(2 * n1)
+    expect = 16 * n1 + 2 * n1 + 48 * s + (2 * s * h / t + layer) + held + fixed
+    assert anchor.total == pytest.approx(expect, rel=1e-12)
 
     total_params = L * (sharded + 2 * h) + h + 2 * V * h
     assert plan.params_total == total_params and round(total_params / 1e9, 2) == 32.76
     kv_tok = 2 * L * (8 / 4) * 128 * 2
     assert kv_bytes_per_token(x) == kv_tok == 64 * 1024
     kv_cache = 0.5 * 80 * gib - total_params * 2 / 4 - VLLM_OVERHEAD_GIB * gib
-    assert [ph.name for ph in plan.phases] == ["train", "weight sync", "rollout"]
-    rollout = plan.phases[2]
+    assert [ph.name for ph in plan.phases] == ["train", "anchor log-probs", "weight sync", "rollout"]
+    rollout = plan.phases[3]
     assert rollout.get("vLLM KV cache") == pytest.approx(kv_cache)
     assert plan.kv_concurrency == pytest.approx(kv_cache / (kv_tok * s))
+    # The step's log-prob outputs are freed after the advantages (train/rl.py): not in the rollout.
     assert rollout.total == pytest.approx(16 * n1 + 3 * gib + 0.5 * 80 * gib)
     # Weight sync: the trainer's resident state, vLLM's woken weights and the export's two slots of
     # (full + gathered + packed / TP) buckets; the largest tensor (the padded embedding, bf16) makes
     # the bucket bigger than rollout.bucket_mb = 512 MiB.
     bucket = max(512 * 2**20, 2 * v_pad * h)
     assert bucket == 2 * v_pad * h
-    sync = plan.phases[1]
+    sync = plan.phases[2]
     assert sync.get("export buckets") == pytest.approx(2 * bucket * (2 + 1 / t))
-    assert sync.total == pytest.approx(16 * n1 + 3 * gib + total_params * 2 / 4 + 2 * bucket * (2 + 1 / t))
-    assert plan.fits and plan.peak == max(train.total, sync.total, rollout.total) == rollout.total
+    assert sync.total == pytest.approx(
+        16 * n1 + 3 * gib + total_params * 2 / 4 + 2 * bucket * (2 + 1 / t)
+    )
+    assert plan.fits and plan.peak == max(ph.total for ph in plan.phases) == rollout.total
 
 
 def test_every_example_loads_strictly_and_fits_its_cluster():
@@ -221,6 +252,88 @@ def test_examples_are_t1_settings():
 
 
 # ---- behaviour -----------------------------------------------------------------------------------
+
+
+def _rl7b(**kw) -> PlanInputs:
+    return dataclasses.replace(_shape("examples/qwen2.5_7b/rl.yaml", nodes=1), **kw)
+
+
+def test_packed_layout_counts_the_mask_only_for_the_mask_layout():
+    x = _rl7b()
+    assert (x.packing, x.layout) == ("auto", "thd")
+    s, b, m = x.seq_length, x.micro_batch, 1  # PP=1: one micro-batch in flight
+    thd = plan_memory(x).phases[0].get("micro-batch tensors")
+    assert thd == (5 * 8 + 4 * 4) * s * b * m  # 5 int64 + 4 fp32 [tokens] tensors, no [S, S] anything
+    mask = plan_memory(dataclasses.replace(x, packing="mask")).phases[0].get("micro-batch tensors")
+    assert mask - thd == b * s * s  # the [b, 1, S, S] bool mask
+    # auto picks the mask for Megatron's unfused attention, and THD there is refused
+    assert dataclasses.replace(x, attention="unfused").layout == "mask"
+    bad = plan_memory(dataclasses.replace(x, attention="unfused", packing="thd"))
+    assert any("no THD path" in p for p in bad.problems) and not bad.fits
+    # more fp32 fields: old_logprobs with several optimizer steps per batch
+    x2 = dataclasses.replace(x, optim_steps_per_batch=2)
+    assert plan_memory(x2).phases[0].get("micro-batch tensors") == thd + 4 * s * b
+
+
+def test_rl_loss_temporaries_match_the_implementation():
+    # examples/qwen2.5_7b: TP=4 with SP, bf16, 11264-token rows, fused output layer
+    x = _rl7b()
+    T, h, V = x.seq_length, x.hidden, x.vocab_padded // x.tp
+    assert (x.tp, x.sp, x.fused_output_layer, V) == (4, True, True, 38016)
+    train, anchor = plan_memory(x).phases[:2]
+    # fused: two fp32 4096 x 4096 tiles + fp32 grad accumulators [T, h] and [V_local, h]
+    assert train.get("logits") == 2 * 4 * 4096 * 4096 + 4 * (T + V) * h
+    # ... and the SP-gathered [T, h] hidden it saves (not T / TP) beside the final norm input [T/TP, h]
+    assert train.get("final norm + output input") == 2 * T * h / 4 + 2 * T * h
+    # over logits: bf16 logits + their bf16 gradient + two fp32 chunks of 16M logits
+    y = dataclasses.replace(x, fused_output_layer=False)
+    rows = 2**24 // V
+    assert plan_memory(y).phases[0].get("logits") == 2 * 2 * T * V + 2 * 4 * rows * V
+    assert plan_memory(y).phases[0].get("final norm + output input") == 2 * 2 * T * h / 4
+    # fp32 logits: the gradient chunk is used in place, one scratch chunk
+    z = dataclasses.replace(y, precision="fp32")
+    assert plan_memory(z).phases[0].get("logits") == 2 * 4 * T * V + 4 * rows * V
+    # the log-prob pass: logits + two chunks, or the two tiles
+    from megatron_t1.plan import logits_bytes
+
+    assert logits_bytes(y, forward_only=True)[0] == 2 * T * V + 2 * 4 * rows * V
+    assert logits_bytes(x, forward_only=True)[0] == 2 * 4 * 4096 * 4096
+    assert anchor.get("forward working set") < train.get("activations")
+
+
+def test_anchor_pass_counts_the_anchor_copy_only_when_it_is_cast_or_moved():
+    x = _rl7b()
+    n = rank_parameters(x, 0)
+
+    def copy(**kw):
+        ph = plan_memory(dataclasses.replace(x, **kw)).phases[1]
+        assert ph.name == "anchor log-probs"
+        return ph.get("anchor in policy dtype")
+
+    assert copy() == 2 * n  # fp32 EMA under a bf16 policy: a bf16 copy for the pass
+    assert copy(anchor="copy") == 0  # already bf16 on the GPU: swapped in as is
+    assert copy(anchor="copy", anchor_offload=True) == 2 * n  # moved from host memory
+    assert copy(precision="fp32") == 0  # fp32 EMA, fp32 policy (the CPU runs)
+    # offloading moves the anchor off the GPU everywhere but in its own pass
+    off = plan_memory(dataclasses.replace(x, anchor_offload=True))
+    on = plan_memory(x)
+    assert off.phases[0].total == pytest.approx(on.phases[0].total - 4 * n)
+    assert off.phases[1].total == pytest.approx(on.phases[1].total - 4 * n)  # 4 + 2 B -> the 2 B copy
+
+
+def test_inputs_from_config_takes_the_packing_and_optimizer_steps():
+    cfg = load_config(
+        ROOT / "examples/qwen2.5_7b/rl.yaml", ["data.packing=mask", "loss.optim_steps_per_batch=2"]
+    )
+    x = inputs_from_config(cfg, nodes=1)
+    assert (x.packing, x.layout, x.optim_steps_per_batch) == ("mask", "mask", 2)
+    assert inputs_from_config(load_config(ROOT / "examples/qwen2.5_7b/rl.yaml"), nodes=1).layout == "thd"
+    assert (
+        inputs_from_config(
+            load_config(ROOT / "examples/qwen2.5_7b/rl.yaml"), nodes=1, attention="unfused"
+        ).layout
+        == "mask"
+    )
 
 
 def test_more_parallelism_or_recompute_never_costs_memory():
@@ -282,7 +395,11 @@ def test_cli_config_that_cannot_fit_explains_and_its_suggestion_fits():
 def test_cli_layout_larger_than_the_job_names_the_problem():
     r = _plan_cli("--config", "examples/qwen2.5_32b/sft.yaml", "--nodes", "1")
     assert r.returncode == 3
-    assert "TP x PP = 8 x 2 = 16 GPUs > 1 node(s) x 8 GPUs" in r.stdout and "try: --nodes 2" in r.stdout
+    assert "TP x PP = 8 x 2 = 16 GPUs > 1 node(s) x 8 GPUs" in r.stdout
+    # 2 nodes (DP=1) with selective recompute no longer fit on their own since the SwiGLU x_linear copy
+    # and RoPE's cos / sin are counted (81.6 GiB): the suggestion adds full recompute to them.
+    tries = [ln for ln in r.stdout.splitlines() if "try: " in ln]
+    assert tries and "--nodes 2 (one model replica needs 16 GPUs)" in tries[0]
 
 
 def test_cli_bad_config_is_one_line_exit_2(tmp_path):
