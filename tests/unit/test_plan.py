@@ -217,9 +217,7 @@ def test_qwen32b_rl_plan_by_hand():
     assert bucket == 2 * v_pad * h
     sync = plan.phases[2]
     assert sync.get("export buckets") == pytest.approx(2 * bucket * (2 + 1 / t))
-    assert sync.total == pytest.approx(
-        16 * n1 + 3 * gib + total_params * 2 / 4 + 2 * bucket * (2 + 1 / t)
-    )
+    assert sync.total == pytest.approx(16 * n1 + 3 * gib + total_params * 2 / 4 + 2 * bucket * (2 + 1 / t))
     assert plan.fits and plan.peak == max(ph.total for ph in plan.phases) == rollout.total
 
 
