@@ -171,10 +171,19 @@ def cu_seqlens_from_segments(segment_ids: torch.Tensor) -> tuple[torch.Tensor, i
     return cu, int((cu[1:] - cu[:-1]).max())
 
 
-def flatten_rows(batch: dict[str, torch.Tensor], names: Sequence[str]) -> None:
-    """View the ``[B, S]`` tensors ``names`` of ``batch`` as ``[1, B*S]`` (the THD micro-batch), in place."""
-    for k in names:
-        batch[k] = batch[k].reshape(1, -1)
+def attach_layout(batch: dict, segment_ids: torch.Tensor, layout: str) -> dict:
+    """Describe the documents of ``batch`` (its ``[B, S]`` tensors, documents given by ``segment_ids``)
+    in ``layout``, in place: ``"mask"`` adds ``attention_mask``; ``"thd"`` views every ``[B, S]``
+    tensor as ``[1, B*S]`` and adds ``cu_seqlens`` and ``max_seqlen``. Returns ``batch``."""
+    if layout == "mask":
+        batch["attention_mask"] = block_diagonal_causal_mask(segment_ids)
+        return batch
+    rows = segment_ids.shape
+    for k, v in list(batch.items()):
+        if torch.is_tensor(v) and v.shape == rows:
+            batch[k] = v.reshape(1, -1)
+    batch["cu_seqlens"], batch["max_seqlen"] = cu_seqlens_from_segments(segment_ids)
+    return batch
 
 
 def schedule_shape(layout: str, seq_length: int, micro_batch_size: int) -> tuple[int, int]:
@@ -221,12 +230,7 @@ def collate_packed(
         "position_ids": torch.tensor([r.position_ids for r in rows], dtype=torch.long),
         "segment_ids": torch.tensor([r.segment_ids for r in rows], dtype=torch.long),
     }
-    if layout == "mask":
-        batch["attention_mask"] = block_diagonal_causal_mask(batch["segment_ids"])
-    else:
-        batch["cu_seqlens"], batch["max_seqlen"] = cu_seqlens_from_segments(batch["segment_ids"])
-        flatten_rows(batch, ("tokens", "labels", "loss_mask", "position_ids", "segment_ids"))
-    return batch
+    return attach_layout(batch, batch["segment_ids"], layout)
 
 
 def micro_batches(

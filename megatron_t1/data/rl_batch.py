@@ -31,12 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from megatron_t1.data.packing import (
-    block_diagonal_causal_mask,
-    check_layout,
-    cu_seqlens_from_segments,
-    flatten_rows,
-)
+from megatron_t1.data.packing import attach_layout, check_layout
 
 
 @dataclass
@@ -187,10 +182,5 @@ def collate_rl_rank(
             "doc_ids": doc_ids,
             **values,
         }
-        if layout == "mask":
-            mb["attention_mask"] = block_diagonal_causal_mask(segment_ids)
-        else:
-            mb["cu_seqlens"], mb["max_seqlen"] = cu_seqlens_from_segments(segment_ids)
-            flatten_rows(mb, [k for k, v in mb.items() if torch.is_tensor(v) and v.shape == (b, S)])
-        out.append(mb)
+        out.append(attach_layout(mb, segment_ids, layout))
     return out
