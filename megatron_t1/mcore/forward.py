@@ -20,7 +20,7 @@ from functools import partial
 import torch
 from megatron.core.packed_seq_params import PackedSeqParams
 
-from megatron_t1.mcore.model import attention_kind, check_packed_layout
+from megatron_t1.mcore.model import attention_kind, check_packed_layout, unwrap
 
 
 def batch_layout(batch: dict) -> str | None:
@@ -84,3 +84,12 @@ def on_device(microbatches, device: torch.device):
     """Iterate over ``microbatches`` moving each to ``device`` only when the schedule takes it, so a
     step's micro-batches are never all on the device at once."""
     return (to_device(b, device) for b in microbatches)
+
+
+def schedule_iterators(microbatches, chunks):
+    """The ``data_iterator`` argument of Megatron's schedule for ``chunks`` (:func:`on_device` on the
+    chunks' device); with virtual pipeline stages every chunk walks the same micro-batches."""
+    device = next(unwrap(chunks[0]).parameters()).device
+    if len(chunks) == 1:
+        return on_device(microbatches, device)
+    return [on_device(microbatches, device) for _ in chunks]

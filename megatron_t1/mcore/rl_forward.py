@@ -36,7 +36,7 @@ from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
-from megatron_t1.mcore.forward import model_forward, on_device
+from megatron_t1.mcore.forward import model_forward, schedule_iterators
 from megatron_t1.mcore.model import unwrap
 from megatron_t1.rl.config import LossConfig
 from megatron_t1.rl.fused import fused_token_logprobs_and_entropy
@@ -216,7 +216,6 @@ def compute_logprobs(
     :meth:`AnchorStore.swapped_in` for the anchor's pass.
     """
     fb = get_forward_backward_func()
-    device = next(unwrap(chunks[0]).parameters()).device
     outputs = fb(
         forward_step_func=partial(
             _logprob_forward_step,
@@ -225,9 +224,7 @@ def compute_logprobs(
             chunk_size=chunk_size,
             fused=fused_output_layer,
         ),
-        data_iterator=on_device(microbatches, device)
-        if len(chunks) == 1
-        else [on_device(microbatches, device) for _ in chunks],
+        data_iterator=schedule_iterators(microbatches, chunks),
         model=list(chunks),
         num_microbatches=len(microbatches),
         seq_length=seq_length,

@@ -92,14 +92,11 @@ class SDPAttention(MegatronModule):
         sq, b = query.shape[0], query.shape[1]
         # [s, b, n, hn] -> [b, n, s, hn]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        if self.groups != self.heads:  # GQA: repeat K/V heads (enable_gqa is not in every kernel)
-            rep = self.heads // self.groups
-            k = k.repeat_interleave(rep, dim=1)
-            v = v.repeat_interleave(rep, dim=1)
+        k, v = self._expand_kv(k, v)
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
         causal = attention_mask is None and mask_type == AttnMaskType.causal and sq > 1
         allowed = None if attention_mask is None else ~attention_mask  # Megatron: True = masked out
-        with tensor_parallel.get_cuda_rng_tracker().fork() if p > 0 else contextlib.nullcontext():
+        with self._dropout_rng(p):
             ctx = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=allowed, dropout_p=p, is_causal=causal, scale=self.softmax_scale
             )
@@ -129,23 +126,31 @@ class SDPAttention(MegatronModule):
             raise ValueError(
                 f"SDPAttention: cu_seqlens span [{bounds[0]}, {bounds[-1]}], the packed batch has {t} tokens"
             )
-        # [t, n, hn] -> [n, t, hn]
-        q, k, v = (x.transpose(0, 1) for x in (query, key, value))
-        if self.groups != self.heads:
-            rep = self.heads // self.groups
-            k = k.repeat_interleave(rep, dim=0)
-            v = v.repeat_interleave(rep, dim=0)
+        # [t, n, hn] -> [1, n, t, hn]
+        q, k, v = (x.transpose(0, 1)[None] for x in (query, key, value))
+        k, v = self._expand_kv(k, v)
         out = torch.empty_like(q)
-        with tensor_parallel.get_cuda_rng_tracker().fork() if p > 0 else contextlib.nullcontext():
+        with self._dropout_rng(p):
             for s0, s1 in zip(bounds[:-1], bounds[1:]):
                 if s1 > s0:
-                    out[:, s0:s1] = F.scaled_dot_product_attention(
-                        q[None, :, s0:s1],
-                        k[None, :, s0:s1],
-                        v[None, :, s0:s1],
+                    out[:, :, s0:s1] = F.scaled_dot_product_attention(
+                        q[:, :, s0:s1],
+                        k[:, :, s0:s1],
+                        v[:, :, s0:s1],
                         dropout_p=p,
                         is_causal=s1 - s0 > 1,
                         scale=self.softmax_scale,
-                    )[0]
-        # [n, t, hn] -> [t, n * hn]
-        return out.transpose(0, 1).reshape(t, self.heads * self.head_dim)
+                    )
+        # [1, n, t, hn] -> [t, n * hn]
+        return out[0].transpose(0, 1).reshape(t, self.heads * self.head_dim)
+
+    def _expand_kv(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """GQA: repeat the K/V heads (dim 1) to the query heads (enable_gqa is not in every kernel)."""
+        if self.groups == self.heads:
+            return k, v
+        rep = self.heads // self.groups
+        return k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+
+    def _dropout_rng(self, p: float):
+        """Attention dropout draws from Megatron's model-parallel RNG tracker, as its attention does."""
+        return tensor_parallel.get_cuda_rng_tracker().fork() if p > 0 else contextlib.nullcontext()

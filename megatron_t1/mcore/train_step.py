@@ -26,7 +26,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_t1.config import Config
 from megatron_t1.errors import TrainingError
-from megatron_t1.mcore.forward import on_device
+from megatron_t1.mcore.forward import schedule_iterators
 from megatron_t1.mcore.model import unwrap
 
 
@@ -82,15 +82,6 @@ def build_optimizer(cfg: Config, chunks: Sequence[torch.nn.Module]):
     tcfg.grad_scale_func = optimizer.scale_loss
     tcfg.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
     return optimizer, scheduler
-
-
-def _data_iterators(microbatches: Sequence[dict], chunks: Sequence[torch.nn.Module]):
-    # Each micro-batch moves to the device when the schedule takes it (never a whole step at once).
-    # With virtual pipeline stages every chunk walks the same micro-batches.
-    device = next(unwrap(chunks[0]).parameters()).device
-    if len(chunks) == 1:
-        return on_device(microbatches, device)
-    return [on_device(microbatches, device) for _ in chunks]
 
 
 def reduce_metrics(per_microbatch: list[dict], device: torch.device) -> dict[str, tuple[float, float]]:
@@ -188,7 +179,7 @@ def train_step(
     fb = get_forward_backward_func()
     outputs = fb(
         forward_step_func=forward_step_func,
-        data_iterator=_data_iterators(microbatches, chunks),
+        data_iterator=schedule_iterators(microbatches, chunks),
         model=list(chunks),
         num_microbatches=len(microbatches),
         seq_length=seq_length,
@@ -233,7 +224,7 @@ def forward_only(
     fb = get_forward_backward_func()
     outputs = fb(
         forward_step_func=forward_step_func,
-        data_iterator=_data_iterators(microbatches, chunks),
+        data_iterator=schedule_iterators(microbatches, chunks),
         model=list(chunks),
         num_microbatches=len(microbatches),
         seq_length=seq_length,
