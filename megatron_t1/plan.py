@@ -101,16 +101,14 @@ import sys
 from dataclasses import dataclass, field
 from typing import Literal
 
+from megatron_t1.rl.chunks import chunk_rows, tile_shape
+
 GIB = float(1 << 30)
 VLLM_OVERHEAD_GIB = 2.5
 """vLLM memory inside its share that is neither weights nor KV cache (profiled activations at the
 default max_num_batched_tokens, CUDA graphs, sampler buffers)."""
 VLLM_ASLEEP_GIB = 1.5
 """What a sleeping colocated vLLM still holds during the train phase (CUDA-graph pools, NCCL)."""
-CHUNK_ELEMENTS = {"cuda": 1 << 24, "cpu": 1 << 20}
-"""Logits per fp32 scratch chunk of the RL log-prob / entropy over logits (``megatron_t1.rl.logprobs``
-``_GPU_CHUNK_ELEMENTS`` / ``_CPU_CHUNK_ELEMENTS``); the fused output layer's tiles hold this many on
-GPU and half of it on CPU (``megatron_t1.rl.fused.tile_shape``)."""
 MB_INT64_FIELDS = {"sft": 4, "rl": 5}
 """int64 [tokens] tensors of a micro-batch: SFT ``collate_packed`` tokens, labels, position_ids,
 segment_ids; RL ``collate_rl_rank`` tokens, labels, position_ids, seq_ids, doc_ids."""
@@ -486,13 +484,6 @@ def microbatch_bytes(x: PlanInputs, *, train: bool = True) -> tuple[float, str]:
     return total, how
 
 
-def _fused_tile(x: PlanInputs, tokens: int, cols: int) -> tuple[int, int]:
-    """(rows, columns) of the fused output layer's tiles (``megatron_t1.rl.fused.tile_shape``)."""
-    budget = CHUNK_ELEMENTS[x.device] // (2 if x.device == "cpu" else 1)
-    rows = max(1, min(x.chunk_size or 1 << (int(math.log2(budget)) // 2), tokens))
-    return rows, max(1, min(cols, budget // rows))
-
-
 def logits_bytes(x: PlanInputs, *, forward_only: bool = False) -> tuple[float, str]:
     """Peak bytes of the output-layer logits and loss temporaries on the last stage (one micro-batch of
     T tokens, V = V_pad / TP columns), for the training step or (``forward_only``) a log-prob pass.
@@ -500,7 +491,7 @@ def logits_bytes(x: PlanInputs, *, forward_only: bool = False) -> tuple[float, s
     SFT (Megatron's vocab-parallel cross-entropy): the logits and their fp32 copy in forward, the
     fp32 softmax and the gradient cast from it in backward (e + 4 B per logit either way; 4 B in
     fp32). RL over logits (``megatron_t1.rl.logprobs``): the logits e*T*V saved for backward, their
-    gradient (``empty_like``, e*T*V) and fp32 [rows, V] scratch chunks of ``CHUNK_ELEMENTS`` logits
+    gradient (``empty_like``, e*T*V) and fp32 [rows, V] scratch chunks (``megatron_t1.rl.chunks``)
     (rows = ``loss.chunk_size`` if set): two, or one for fp32 logits (the gradient chunk is used in
     place); a log-prob pass holds the logits and two chunks. Fused output layer
     (``megatron_t1.rl.fused``): no logits; two fp32 [rows, Vb] tiles, and in backward the fp32
@@ -516,14 +507,14 @@ def logits_bytes(x: PlanInputs, *, forward_only: bool = False) -> tuple[float, s
         per = x.elem + 4 if x.precision == "bf16" else 4
         return float(per * tokens * cols), f"[{tokens} x {cols}] logits + fp32 copy / grad (CE, {per} B each)"
     if x.fused_output_layer:
-        rows, vb = _fused_tile(x, tokens, cols)
+        rows, vb = tile_shape(tokens, cols, x.device, x.chunk_size)
         tiles = 2 * 4 * rows * vb
         how = f"fused output layer: 2 fp32 tiles of [{rows} x {vb}]"
         if forward_only:
             return float(tiles), how
         acc = 4 * (tokens + cols) * x.hidden
         return float(tiles + acc), how + f" + fp32 grads [{tokens} x {x.hidden}], [{cols} x {x.hidden}]"
-    rows = max(1, min(tokens, x.chunk_size or CHUNK_ELEMENTS[x.device] // cols))
+    rows = max(1, min(tokens, chunk_rows(cols, x.device, x.chunk_size)))
     chunk = 4 * rows * cols
     logits = x.elem * tokens * cols
     if forward_only:

@@ -24,16 +24,14 @@ rounded to bf16 at every step; the result is returned in the input's dtype).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from megatron_t1.rl.chunks import tile_shape
 from megatron_t1.rl.logprobs import (
-    _CPU_CHUNK_ELEMENTS,
-    _GPU_CHUNK_ELEMENTS,
     allreduce_stats,
     compute_dtype,
     finish_stats,
@@ -46,36 +44,7 @@ from megatron_t1.rl.logprobs import (
     vocab_shard,
 )
 
-__all__ = ["fused_token_logprobs_and_entropy", "tile_shape"]
-
-
-def tile_shape(
-    n_rows: int,
-    v_valid: int,
-    device: torch.device,
-    chunk_size: int | None,
-    vocab_chunk_size: int | None = None,
-) -> tuple[int, int]:
-    """(rows, columns) of a logits tile: about 0.5M (CPU) / 16M (GPU) elements, or as given.
-
-    Without ``chunk_size`` the tile is roughly square (rows ~ columns ~ sqrt(budget)), which balances the
-    traffic on the weight gradient (read once per row block) against that on the hidden gradient (once per
-    column block).
-    """
-    # Half the chunked path's CPU budget: the fused tile has two scratch tiles beside the GEMM's own
-    # packing buffers, and matmuls of 512 x 1024 tiles run as fast as bigger ones (one thread, EPYC).
-    budget = _CPU_CHUNK_ELEMENTS // 2 if device.type == "cpu" else _GPU_CHUNK_ELEMENTS
-    if chunk_size is not None:
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        rows = chunk_size
-    else:
-        rows = 1 << (int(math.log2(budget)) // 2)  # 512 on CPU, 4096 on GPU
-    rows = max(1, min(rows, n_rows))
-    if vocab_chunk_size is not None and vocab_chunk_size < 1:
-        raise ValueError(f"vocab_chunk_size must be >= 1, got {vocab_chunk_size}")
-    cols = budget // rows if vocab_chunk_size is None else vocab_chunk_size
-    return rows, max(1, min(v_valid, cols))
+__all__ = ["fused_token_logprobs_and_entropy"]
 
 
 def _tile_logits(h: Tensor, w: Tensor, out: Tensor, inv_tau: float, shift: Tensor | None = None) -> Tensor:
@@ -114,7 +83,7 @@ class _FusedLinearLogprobEntropy(torch.autograd.Function):
         s = torch.zeros(n, dtype=cd, device=hidden.device)
         w = torch.zeros(n, dtype=cd, device=hidden.device)
         z_target = torch.zeros(n, dtype=cd, device=hidden.device)
-        rows, vb = tile_shape(n, shard.valid, hidden.device, chunk_size, vocab_chunk)
+        rows, vb = tile_shape(n, shard.valid, hidden.device.type, chunk_size, vocab_chunk)
         # Two reusable [rows, vb] scratch tiles (fresh allocations per tile cost page faults on CPU).
         bufs = torch.empty(2, rows * vb if shard.valid > 0 else 0, dtype=cd, device=hidden.device)
         if shard.valid > 0:

@@ -29,13 +29,9 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["VocabShard", "auto_chunk_rows", "token_logprobs_and_entropy", "vocab_shard"]
+from megatron_t1.rl.chunks import chunk_rows
 
-# Logits per chunk when ``chunk_size`` is None. On CPU, 1M fp32 values (4 MiB) per scratch buffer keeps
-# a chunk in cache (measured fastest, 2-core EPYC) and the extra memory at a few chunks; on GPU bigger
-# chunks amortise kernel launches.
-_CPU_CHUNK_ELEMENTS = 1 << 20
-_GPU_CHUNK_ELEMENTS = 1 << 24
+__all__ = ["VocabShard", "token_logprobs_and_entropy", "vocab_shard"]
 
 
 class VocabShard(NamedTuple):
@@ -65,16 +61,6 @@ def vocab_shard(v_local: int, tp_group: Any = None, vocab_size: int | None = Non
         raise ValueError(f"vocab_size={vocab_size} must be in [1, V_local * tp = {padded}]")
     start = rank * v_local
     return VocabShard(start, v_local, min(max(vocab_size - start, 0), v_local))
-
-
-def auto_chunk_rows(row_elements: int, device: torch.device, chunk_size: int | None = None) -> int:
-    """Rows (tokens) per chunk: ``chunk_size`` if given, else about 1M (CPU) or 16M (GPU) elements."""
-    if chunk_size is not None:
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-        return chunk_size
-    budget = _CPU_CHUNK_ELEMENTS if device.type == "cpu" else _GPU_CHUNK_ELEMENTS
-    return max(1, budget // max(1, row_elements))
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -234,7 +220,7 @@ class _TokenLogprobEntropy(torch.autograd.Function):
         s = torch.zeros(n, dtype=cd, device=logits.device)
         w = torch.zeros(n, dtype=cd, device=logits.device)
         if shard.valid > 0:
-            rows = max(1, min(n, auto_chunk_rows(shard.valid, logits.device, chunk_size)))
+            rows = max(1, min(n, chunk_rows(shard.valid, logits.device.type, chunk_size)))
             bufs = torch.empty(2, rows * shard.valid, dtype=cd, device=logits.device)
             for r0 in range(0, n, rows):
                 r1 = min(n, r0 + rows)
@@ -266,7 +252,7 @@ class _TokenLogprobEntropy(torch.autograd.Function):
         grad = torch.empty_like(logits)
         grad[:, shard.valid :] = 0
         if shard.valid > 0:
-            rows = max(1, min(n, auto_chunk_rows(shard.valid, logits.device, ctx.chunk_size)))
+            rows = max(1, min(n, chunk_rows(shard.valid, logits.device.type, ctx.chunk_size)))
             real, grad_real = logits[:, : shard.valid], grad[:, : shard.valid]
             # fp32/fp64 logits: the gradient chunk itself holds log p, then dL/dx (no copy at the end).
             in_place = logits.dtype == lse.dtype
