@@ -38,7 +38,7 @@ ENV_SHOWN = re.compile(
     r"^(CUDA_DEVICE_MAX_CONNECTIONS|NCCL_\w+|TORCH_NCCL_\w+|HF_HOME|VLLM_\w+|"
     r"PYTORCH_CUDA_ALLOC_CONF|MASTER_ADDR|MASTER_PORT|PYTHONPATH|OMP_NUM_THREADS)$"
 )
-NODE_LINE = re.compile(r"^\[node (\d+) (\S+)\] (?!env: )(.*)$")
+NODE_LINE = re.compile(r"^\[node (\d+) (\S+)\] (?!env: |container: )(.*)$")
 
 
 def expand_hostlist(spec: str) -> list[str]:
@@ -107,7 +107,8 @@ class DryRun:
     nodes: dict[int, list[list[str]]] = field(default_factory=dict)
     """node id -> the argv of every command that node exec'd (one per srun)."""
     node_env: dict[int, dict[str, str]] = field(default_factory=dict)
-    """node id -> third-party environment variables seen by its last command."""
+    """node id -> third-party environment variables seen by its last command, and ``CONTAINER``: the
+    image ``srun --container-image`` starts it in."""
     hosts: dict[int, str] = field(default_factory=dict)
 
 
@@ -187,7 +188,10 @@ def dry_run(
         elif line.startswith("[node ") and "] env: " in line:
             node = int(line.split()[1])
             pairs = shlex.split(line.split("] env: ", 1)[1])
-            result.node_env[node] = dict(p.split("=", 1) for p in pairs)
+            result.node_env[node] = {**result.node_env.get(node, {}), **dict(p.split("=", 1) for p in pairs)}
+        elif line.startswith("[node ") and "] container: " in line:  # printed by the srun shim
+            node = int(line.split()[1])
+            result.node_env.setdefault(node, {})["CONTAINER"] = line.split("] container: ", 1)[1]
     return result
 
 
@@ -228,8 +232,8 @@ def _shim_srun(args: list[str]) -> int:
             SLURM_STEP_ID="0",
             SLURMD_NODENAME=hosts[node % len(hosts)],
         )
-        if "container-image" in opts:
-            env["T1_DRY_CONTAINER"] = opts["container-image"]
+        if "container-image" in opts:  # what pyxis would start the command in
+            print(f"[node {node} {env['SLURMD_NODENAME']}] container: {opts['container-image']}", flush=True)
         sys.stdout.flush()
         rc = subprocess.run(command, env=env, check=False).returncode or rc
     return rc
@@ -238,8 +242,6 @@ def _shim_srun(args: list[str]) -> int:
 def _shim_exec(name: str, args: list[str]) -> int:
     prefix = f"[node {os.environ.get('SLURM_NODEID', '?')} {os.environ.get('SLURMD_NODENAME', '?')}]"
     shown = {k: v for k, v in sorted(os.environ.items()) if ENV_SHOWN.match(k)}
-    if os.environ.get("T1_DRY_CONTAINER"):
-        shown["CONTAINER"] = os.environ["T1_DRY_CONTAINER"]
     print(f"{prefix} env: " + " ".join(shlex.quote(f"{k}={v}") for k, v in shown.items()))
     print(f"{prefix} " + shlex.join([name, *args]), flush=True)
     return 0

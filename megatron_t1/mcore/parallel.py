@@ -52,10 +52,6 @@ class ParallelContext:
         return self.pp_rank == self.pp - 1
 
 
-_RENDEZVOUS_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
-_SET_ENV: dict[str, str | None] = {}  # what init_parallel's world of one replaced: name -> old value
-
-
 def init_parallel(pcfg: ParallelConfig, *, seed: int, device: str = "auto") -> ParallelContext:
     """Initialise torch.distributed (if needed), the CPU patches (without CUDA), Megatron's TP/PP/DP
     groups and its model-parallel RNG. Single-process runs need no launcher: world size 1."""
@@ -69,14 +65,17 @@ def init_parallel(pcfg: ParallelConfig, *, seed: int, device: str = "auto") -> P
         enable_cpu_mode(force=device == "cpu")  # run.device cpu on a GPU box hides the GPU (mcore/cpu.py)
     backend = pcfg.backend if pcfg.backend != "auto" else ("nccl" if use_cuda else "gloo")
     if not dist.is_initialized():
-        if "RANK" not in os.environ:  # a plain `python -m megatron_t1 ...`: a world of one
-            _SET_ENV.update({k: os.environ.get(k) for k in _RENDEZVOUS_ENV if k not in _SET_ENV})
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        timeout = datetime.timedelta(minutes=pcfg.timeout_minutes)
         if use_cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=pcfg.timeout_minutes))
+        if "RANK" in os.environ:  # torchrun / srun / a test harness: its rendezvous variables
+            dist.init_process_group(backend=backend, timeout=timeout)
+        else:
+            # A plain `python -m megatron_t1 ...`: a world of one on an in-memory store. No rendezvous
+            # variables are set, so none leak into a later init or a subprocess (torchrun, a CLI run).
+            dist.init_process_group(
+                backend=backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout
+            )
     world = dist.get_world_size()
     dp = pcfg.data_parallel_size(world)
     if ps.model_parallel_is_initialized():
@@ -104,23 +103,8 @@ def init_parallel(pcfg: ParallelConfig, *, seed: int, device: str = "auto") -> P
 
 
 def destroy_parallel() -> None:
-    """Tear down Megatron's groups and the default process group (tests, end of a run), and restore the
-    rendezvous variables a world of one set: a later init in this process, or a subprocess started
-    from it (torchrun, a CLI run), must not take them for a launcher's or reuse their port."""
+    """Tear down Megatron's groups and the default process group (tests, end of a run)."""
     if ps.model_parallel_is_initialized():
         ps.destroy_model_parallel()
     if dist.is_initialized():
         dist.destroy_process_group()
-    for k, v in _SET_ENV.items():
-        os.environ.pop(k, None)
-        if v is not None:
-            os.environ[k] = v
-    _SET_ENV.clear()
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -89,9 +89,9 @@ _DIST_ENV = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")
 
 
 def _run(cfg) -> dict:
-    """run_rl in this process as a world of one. Tearing it down must take back the rendezvous
-    variables it set (destroy_parallel), or later tests' subprocesses (torchrun, CLI runs) inherit a
-    used port; a launcher's variables in the test's own environment are set aside meanwhile."""
+    """run_rl in this process as a world of one. It must leave no rendezvous variables behind (a world
+    of one uses an in-memory store), or later tests' subprocesses (torchrun, CLI runs) inherit a used
+    port; a launcher's variables in the test's own environment are set aside meanwhile."""
     from megatron_t1.mcore.parallel import destroy_parallel
     from megatron_t1.train.rl import run_rl
 
@@ -102,7 +102,7 @@ def _run(cfg) -> dict:
         destroy_parallel()
         left = {k: os.environ[k] for k in _DIST_ENV if k in os.environ}
         os.environ.update({k: v for k, v in saved.items() if v is not None})
-        assert not left, f"destroy_parallel left the world of one's variables set: {left}"
+        assert not left, f"a world of one left rendezvous variables set: {left}"
 
 
 def _weights(folder: Path) -> dict[str, torch.Tensor]:
