@@ -22,6 +22,8 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from megatron_t1.atomic import write_text_atomic
+from megatron_t1.data.template import DEFAULT_PROMPT_TEMPLATE, check_template
 from megatron_t1.reward.config import RewardConfig
 from megatron_t1.rl.config import AnchorConfig, LossConfig
 
@@ -217,11 +219,22 @@ class DataConfig:
     mask. A layout the attention cannot honour is an error (TE: thd only)."""
     seed: int = 1234
     """Shuffle seed; the order is a pure function of (seed, epoch)."""
+    prompt_template: str = DEFAULT_PROMPT_TEMPLATE
+    """RL rollouts' and held-out evaluation's user message, ``{question}`` where the question goes
+    (plain replacement: ``\\boxed{}`` needs no escaping). Default: the common math-reasoning
+    instruction asking for a final ``\\boxed{}`` answer, which the reward reads
+    (:mod:`megatron_t1.data.template`). The tokenizer's chat template renders the messages."""
+    system_prompt: str | None = None
+    """Optional system message before the prompt (RL rollouts and held-out evaluation)."""
 
     def __post_init__(self) -> None:
         for name in ("seq_length", "micro_batch_size", "global_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"data.{name} must be >= 1, got {getattr(self, name)}")
+        try:
+            check_template(self.prompt_template)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
 
 
 @dataclass
@@ -451,8 +464,12 @@ class Config:
     anchor: AnchorConfig = field(default_factory=AnchorConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
-    def validate(self, world_size: int | None = None) -> None:
-        """Cross-section checks that Megatron would otherwise fail on late (or hang on)."""
+    def validate(self, world_size: int | None = None, *, stage: Literal["sft", "rl"] | None = None) -> None:
+        """Cross-section checks that Megatron would otherwise fail on late (or hang on); with ``stage``,
+        also what that training stage needs (its data, and for RL the held-out evaluation it selects
+        checkpoints with)."""
+        if stage is not None:
+            self._validate_stage(stage)
         m, p = self.model, self.parallel
         tp, pp = p.tp, p.pp
         if m.num_attention_heads % tp:
@@ -497,6 +514,26 @@ class Config:
                 f"data.seq_length ({self.data.seq_length}) > model.max_position_embeddings "
                 f"({m.max_position_embeddings})"
             )
+
+    def _validate_stage(self, stage: str) -> None:
+        if stage not in ("sft", "rl"):
+            raise ValueError(f"stage must be 'sft' or 'rl', got {stage!r}")
+        if not self.data.train_path:
+            need = (
+                "an SFT dataset (jsonl or parquet with 'messages')"
+                if stage == "sft"
+                else "an RL prompt set (jsonl/parquet with question + answer)"
+            )
+            raise ConfigError(f"data.train_path: {need} is required")
+        if stage == "rl":
+            ev = self.eval
+            if ev.eval_every and not ev.heldout_path:
+                raise ConfigError("eval.eval_every is set but eval.heldout_path is not")
+            if self.checkpoint.keep_best and not (ev.heldout_path and ev.eval_every):
+                raise ConfigError(
+                    "checkpoint.keep_best selects among held-out evaluations: it needs eval.heldout_path "
+                    "(a validation set) and eval.eval_every > 0"
+                )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -735,8 +772,4 @@ def config_to_dict(cfg: Config) -> dict:
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write the resolved config as YAML, atomically (temp file, then rename)."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
-    os.replace(tmp, p)
+    write_text_atomic(path, yaml.safe_dump(config_to_dict(cfg), sort_keys=False))

@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from megatron_t1.atomic import atomic_dir, write_text_atomic
+
 ROOT = Path(__file__).resolve().parent.parent
 SFT_EXAMPLE = ROOT / "examples" / "tiny_cpu" / "sft.yaml"
 RL_EXAMPLE = ROOT / "examples" / "tiny_cpu" / "rl.yaml"
@@ -96,10 +98,8 @@ def build_task(
         [{"id": f"v{i}", "question": p.question, "answer": p.answer} for i, p in enumerate(validation)],
     )
     if not (paths["tokenizer"] / "tokenizer.json").exists():
-        tmp = data_dir / "tokenizer.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        train_tokenizer(chat_corpus(examples), vocab_size, tmp)
-        os.replace(tmp, paths["tokenizer"])
+        with atomic_dir(paths["tokenizer"], replace=True) as tmp:
+            train_tokenizer(chat_corpus(examples), vocab_size, tmp)
     return paths
 
 
@@ -380,9 +380,7 @@ def run_demo(
         "seed": seed,
         "device": device,
     }
-    tmp = out / "summary.json.tmp"
-    tmp.write_text(json.dumps(summary, indent=2))
-    os.replace(tmp, out / "summary.json")
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2))
     log(
         f"[demo] held-out accuracy ({summary['heldout_size']} problems, greedy): "
         f"SFT {summary['sft_accuracy']:.1%} +- {summary['sft_accuracy_stderr']:.1%} -> "

@@ -16,29 +16,16 @@ Deterministic in the arguments; nothing is downloaded. A few seconds for the def
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_t1.atomic import atomic_dir  # noqa: E402
 from megatron_t1.data.io import write_jsonl_atomic  # noqa: E402
 from megatron_t1.data.synthetic import make_problems, make_sft_examples  # noqa: E402
 from megatron_t1.data.tokenizer import chat_corpus, train_tokenizer  # noqa: E402
-
-
-def _replace_dir(tmp: Path, dst: Path) -> None:
-    """Move the finished folder ``tmp`` to ``dst``, replacing an old ``dst`` (rename, not copy)."""
-    old = None
-    if dst.exists():
-        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-        os.replace(dst, old)
-    os.replace(tmp, dst)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def build(args: argparse.Namespace) -> dict:
@@ -66,14 +53,8 @@ def build(args: argparse.Namespace) -> dict:
         out / "heldout.jsonl",
         ({"id": f"heldout-{i}", "question": p.question, "answer": p.answer} for i, p in enumerate(heldout)),
     )
-    tmp = Path(tempfile.mkdtemp(prefix=".tokenizer.", dir=out))
-    os.chmod(tmp, 0o755)  # mkdtemp creates 0700
-    try:
+    with atomic_dir(out / "tokenizer", replace=True) as tmp:
         tok = train_tokenizer(chat_corpus(examples), args.vocab_size, tmp)
-        _replace_dir(tmp, out / "tokenizer")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"out": str(out), "n_sft": n_sft, "n_rl": len(rl), "n_heldout": len(heldout), "vocab": len(tok)}
 
 

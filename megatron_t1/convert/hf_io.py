@@ -24,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from megatron_t1.atomic import atomic_dir
 from megatron_t1.convert.maps import ConvertError
 
 SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
@@ -385,20 +386,13 @@ def atomic_output_dir(out: str | os.PathLike) -> Iterator[Path]:
     out = Path(out)
     if out.exists():
         raise ConvertError(f"output folder {out} already exists; remove it or choose another --out")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.incomplete-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ConvertError(f"output folder {out} appeared while converting; not overwriting it")
-    os.rename(tmp, out)
+        with atomic_dir(out) as tmp:
+            yield tmp
+    except FileExistsError:
+        if not out.exists():
+            raise
+        raise ConvertError(f"output folder {out} appeared while converting; not overwriting it") from None
 
 
 def copy_hf_assets(src: str | os.PathLike, dst: str | os.PathLike, *, skip: Sequence[str] = ()) -> list[str]:

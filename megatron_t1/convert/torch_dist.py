@@ -50,6 +50,7 @@ from torch.distributed.checkpoint.metadata import (
     TensorStorageMetadata,
 )
 
+from megatron_t1.atomic import write_text_atomic
 from megatron_t1.convert.hf_io import copy_range, write_all
 from megatron_t1.convert.maps import ConvertError
 from megatron_t1.convert.sharding import layer_index
@@ -435,10 +436,7 @@ def write_checkpoint_metadata(
     """
     model_dict = dataclasses.asdict(model) if dataclasses.is_dataclass(model) else dict(model)
     meta = {"format": FORMAT, "step": step, "model": model_dict, "tp": tp, "pp": pp, **extra}
-    p = Path(ckpt_dir) / METADATA_FILE
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    os.replace(tmp, p)
+    write_text_atomic(Path(ckpt_dir) / METADATA_FILE, json.dumps(meta, indent=2))
     return meta
 
 

@@ -184,3 +184,92 @@ def collate_rl_rank(
         }
         out.append(attach_layout(mb, segment_ids, layout))
     return out
+
+
+def minibatch_parts(num_docs: int, k: int, optim_steps: int) -> list[list[int]]:
+    """Split a step's documents into ``min(optim_steps, groups)`` mini-batches of whole prompt groups.
+
+    Documents come in groups of ``k`` (the kept responses of one prompt, consecutive): a group's
+    leave-one-out baseline needs all of it in one optimizer step. Groups are dealt round robin, so
+    mini-batch ``j`` holds groups ``j, j + n, j + 2n, ...``. ``optim_steps`` 1: one part, every document.
+    """
+    if k < 1 or optim_steps < 1 or num_docs % k:
+        raise ValueError(f"{num_docs} documents do not form groups of k={k} (optim_steps={optim_steps})")
+    n_groups = num_docs // k
+    n_mini = min(optim_steps, n_groups)
+    groups = [list(range(g * k, (g + 1) * k)) for g in range(n_groups)]
+    return [sum(groups[j::n_mini], []) for j in range(n_mini)]
+
+
+@dataclass
+class StepBatches:
+    """One RL step's training data on this DP rank: the documents, their split into mini-batches (one
+    optimizer step each) and every mini-batch's packing plan and micro-batches (on the CPU)."""
+
+    docs: list[list[int]]
+    prompt_lens: list[int]
+    parts: list[list[int]]
+    """Document indices of each mini-batch."""
+    microbatches: list[list[dict[str, torch.Tensor]]]
+    """The micro-batches of each mini-batch (this rank's share)."""
+    plans: list[RLPackPlan]
+
+    @property
+    def num_docs(self) -> int:
+        return len(self.docs)
+
+    @property
+    def num_minibatches(self) -> int:
+        return len(self.parts)
+
+    def all_microbatches(self) -> list[dict[str, torch.Tensor]]:
+        """Every micro-batch of the step, mini-batch by mini-batch (the log-prob passes' order)."""
+        return [mb for mbs in self.microbatches for mb in mbs]
+
+    def response_tokens(self, part: Sequence[int] | None = None) -> int:
+        """Trained tokens (response tokens, EOS included) of the step, or of the documents ``part``."""
+        ids = range(len(self.docs)) if part is None else part
+        return sum(len(self.docs[d]) - self.prompt_lens[d] for d in ids)
+
+    def plan_stats(self) -> dict[str, float]:
+        """:meth:`RLPackPlan.stats`, averaged over the mini-batches."""
+        first = self.plans[0].stats()
+        return {key: sum(p.stats()[key] for p in self.plans) / len(self.plans) for key in first}
+
+
+def pack_step(
+    docs: list[list[int]],
+    prompt_lens: list[int],
+    token_values: dict[str, Sequence[Sequence[float]]],
+    *,
+    k: int,
+    optim_steps: int,
+    seq_len: int,
+    dp: int,
+    dp_rank: int,
+    micro_batch_size: int,
+    pad_id: int,
+    layout: str = "thd",
+) -> StepBatches:
+    """Split the step into mini-batches (:func:`minibatch_parts`), plan each one's DP-balanced packing
+    (:func:`plan_rl_packing`, the same on every rank) and collate this rank's micro-batches
+    (:func:`collate_rl_rank`; ``doc_ids`` are step-wide document indices). ``token_values[name][d]``:
+    per-token values of document ``d``'s response (the rollout log-probs)."""
+    parts = minibatch_parts(len(docs), k, optim_steps)
+    microbatches, plans = [], []
+    for part in parts:
+        plan = plan_rl_packing([len(docs[d]) for d in part], seq_len, dp, micro_batch_size)
+        microbatches.append(
+            collate_rl_rank(
+                plan,
+                dp_rank,
+                [docs[d] for d in part],
+                [prompt_lens[d] for d in part],
+                pad_id,
+                {name: [v[d] for d in part] for name, v in token_values.items()},
+                doc_index=part,
+                layout=layout,
+            )
+        )
+        plans.append(plan)
+    return StepBatches(docs, prompt_lens, parts, microbatches, plans)

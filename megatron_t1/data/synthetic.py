@@ -40,7 +40,8 @@ the model writes only the final answer line. The truncated thinking is context, 
 the assistant message carries ``"mask_prefix_chars"`` (see :mod:`megatron_t1.data.sft`), otherwise
 the model would learn to stop thinking at random points.
 
-The prompt template (:func:`prompt_messages`) is shared by SFT, RL and evaluation. Problems are
+The demo's prompt template (``DEMO_PROMPT_TEMPLATE``, :func:`prompt_messages`) is shared by its SFT
+data, RL and evaluation; the demo's configs set it as ``data.prompt_template``. Problems are
 split into train / held-out by a stable hash of the question, so the two sets are disjoint for
 every seed. Everything is deterministic given the seed; nothing is downloaded.
 """
@@ -52,7 +53,13 @@ import random
 import re
 from dataclasses import dataclass
 
+from megatron_t1.data import template as _template
+
 BOXED_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+DEMO_PROMPT_TEMPLATE = "{question}\n" + BOXED_INSTRUCTION
+"""The demo task's user message: the question, a newline, the boxed instruction. It is the same text as
+the generic default (:data:`megatron_t1.data.template.DEFAULT_PROMPT_TEMPLATE`) but the demo's own
+choice: a change of the default must not change the demo's SFT data or its numbers."""
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
 # A stable 1-in-HELDOUT_MODULUS share of the problem space is held out (by hash of the question).
@@ -183,14 +190,9 @@ def make_problems(n: int, seed: int, split: str = "train", **difficulty) -> list
 
 
 def prompt_messages(question: str, system: str | None = None) -> list[dict[str, str]]:
-    """THE prompt template (SFT, RL and evaluation): the question, a newline, the boxed instruction.
-
-    Returns a chat ``messages`` list (an optional system message, then the user message); the
-    tokenizer's chat template turns it into text.
-    """
-    msgs = [] if system is None else [{"role": "system", "content": system}]
-    msgs.append({"role": "user", "content": f"{question}\n{BOXED_INSTRUCTION}"})
-    return msgs
+    """The demo's prompt (its SFT data, RL and evaluation): :data:`DEMO_PROMPT_TEMPLATE` as a chat
+    ``messages`` list (an optional system message, then the user message)."""
+    return _template.prompt_messages(question, template=DEMO_PROMPT_TEMPLATE, system=system)
 
 
 def answer_line(answer: str) -> str:

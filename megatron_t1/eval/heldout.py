@@ -12,6 +12,8 @@ import math
 import os
 from dataclasses import dataclass, field
 
+from megatron_t1.data.template import DEFAULT_PROMPT_TEMPLATE, render_prompts
+
 
 @dataclass
 class HeldoutResult:
@@ -37,15 +39,12 @@ def pass_at_1(correct: list[list[float]]) -> tuple[float, float]:
     return m, math.sqrt(var / len(means))
 
 
-def problem_prompts(tokenizer, problems: list) -> list[str]:
-    """The chat-templated prompt of every problem (objects with .question): the template of RL
-    rollouts and held-out evaluation, with the ``\\boxed{}`` instruction."""
-    from megatron_t1.data.synthetic import prompt_messages
-
-    return [
-        tokenizer.apply_chat_template(prompt_messages(p.question), tokenize=False, add_generation_prompt=True)
-        for p in problems
-    ]
+def problem_prompts(
+    tokenizer, problems: list, *, template: str = DEFAULT_PROMPT_TEMPLATE, system: str | None = None
+) -> list[str]:
+    """The chat-templated prompt of every problem (objects with .question): RL rollouts and held-out
+    evaluation use ``data.prompt_template`` / ``data.system_prompt`` (:mod:`megatron_t1.data.template`)."""
+    return render_prompts(tokenizer, [p.question for p in problems], template=template, system=system)
 
 
 def score_heldout(problems: list, gens: list, *, reward_config=None) -> HeldoutResult:
@@ -95,15 +94,17 @@ def evaluate_engine(
     n: int = 1,
     seed: int = 0,
     reward_config=None,
+    template: str = DEFAULT_PROMPT_TEMPLATE,
+    system: str | None = None,
 ) -> HeldoutResult:
     """Accuracy of a rollout engine's policy on ``problems`` (objects with .question and .answer).
 
     Generation goes through the engine's own ``generate`` (the RL loop's sampling path; greedy when
-    ``temperature`` is 0), prompts through the shared chat template + ``\\boxed{}`` instruction.
+    ``temperature`` is 0), prompts through ``template`` / ``system`` (:mod:`megatron_t1.data.template`).
     """
     from megatron_t1.rollout.engine import SamplingParams
 
-    texts = problem_prompts(engine.tokenizer, problems)
+    texts = problem_prompts(engine.tokenizer, problems, template=template, system=system)
     params = SamplingParams(temperature=temperature, max_tokens=max_new_tokens, seed=seed)
     return score_heldout(problems, engine.generate(texts, n, params), reward_config=reward_config)
 

@@ -32,6 +32,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 
+from megatron_t1.atomic import publish_dir, write_text_atomic
 from megatron_t1.config import Config, ConfigError
 
 # One source for the on-disk format, shared with the offline converter.
@@ -180,9 +181,7 @@ def save_checkpoint(
     _barrier()
     if rank == 0:
         write_metadata(tmp, cfg, step=step)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        publish_dir(tmp, final)  # an old folder of this step (a rerun) is replaced only now
         _write_marker(root / "latest", final.name)
         protect = None if best is None else step_dir_name(best)
         if protect is not None:
@@ -193,9 +192,7 @@ def save_checkpoint(
 
 
 def _write_marker(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def _prune(root: Path, keep: int, protect: str | None = None) -> None:

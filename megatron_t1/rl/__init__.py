@@ -3,7 +3,8 @@
     logprobs    token log-prob + full-vocabulary entropy, chunked, vocab-parallel (custom autograd)
     fused       the same straight from hidden states and the output-layer weight, logits never built
     kl          k1 / k2 / k3 estimators of KL(pi_theta || pi_anchor), per-response reduction
-    advantage   reward shaping s = r - beta * KL and the RLOO (or GRPO) advantage
+    advantage   reward shaping s = r - beta * KL, the RLOO (or GRPO) advantage, per token
+    mismatch    train/rollout log-prob mismatch and the truncated importance weights (TIS)
     oversample  keep k of K responses per prompt
     objective   t1_loss -> LossOutput(loss, metrics)
     anchor      the dynamic anchor's schedule and in-place EMA / reset
@@ -25,7 +26,12 @@ _EXPORTS = {
     "fused_token_logprobs_and_entropy": "fused",
     "kl_estimate": "kl",
     "response_kl": "kl",
+    "response_kl_parts": "kl",
+    "finish_response_kl": "kl",
     "t1_advantages": "advantage",
+    "token_advantages": "advantage",
+    "logprob_mismatch": "mismatch",
+    "truncated_is_weights": "mismatch",
     "select_responses": "oversample",
     "gather_selected": "oversample",
     "Selection": "oversample",

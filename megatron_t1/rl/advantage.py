@@ -22,7 +22,7 @@ from torch import Tensor
 
 from megatron_t1.rl.config import LossConfig
 
-__all__ = ["grpo_advantages", "rloo_advantages", "shaped_rewards", "t1_advantages"]
+__all__ = ["grpo_advantages", "rloo_advantages", "shaped_rewards", "t1_advantages", "token_advantages"]
 
 
 def _check_group(scores: Tensor, what: str) -> None:
@@ -96,3 +96,18 @@ def t1_advantages(
         if method == "grpo":
             return grpo_advantages(scores, eps=eps)
     raise ValueError(f"advantage method must be 'rloo' or 'grpo', got {method!r}")
+
+
+def token_advantages(advantages: Tensor, seq_ids: Tensor, mask: Tensor) -> Tensor:
+    """Broadcast per-response advantages to the tokens of a packed micro-batch.
+
+    Args:
+        advantages: [num_seqs] A_i of every response of the step (flattened [P, K]).
+        seq_ids: any shape, the response index of every token (negative on padding: any value is
+            fine where ``mask`` is 0).
+        mask: same shape as ``seq_ids``, 1 on response tokens (EOS included), 0 elsewhere.
+
+    Returns:
+        ``A[seq_ids] * mask``, the shape of ``mask``: every response token carries its response's A_i.
+    """
+    return advantages[seq_ids.clamp(min=0)] * mask

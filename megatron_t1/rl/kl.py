@@ -14,12 +14,23 @@ score function, whose expectation under pi_theta is zero: use k2 or k3 there.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["KLEstimator", "kl_k1", "kl_k2", "kl_k3", "kl_estimate", "response_kl", "sequence_reduce"]
+__all__ = [
+    "KLEstimator",
+    "ResponseKLParts",
+    "finish_response_kl",
+    "kl_estimate",
+    "kl_k1",
+    "kl_k2",
+    "kl_k3",
+    "response_kl",
+    "response_kl_parts",
+    "sequence_reduce",
+]
 
 KLEstimator = Literal["k1", "k2", "k3"]
 
@@ -113,3 +124,45 @@ def response_kl(
     """
     per_token = kl_estimate(logp, logp_anchor, estimator)
     return sequence_reduce(per_token, mask, reduce=reduce, seq_ids=seq_ids, num_seqs=num_seqs)
+
+
+class ResponseKLParts(NamedTuple):
+    """Per-response k1 sums and token counts of one packed micro-batch, float64 (``[num_seqs]`` each).
+
+    Additive over micro-batches and data-parallel ranks, so the loop sums the parts of all of them
+    before dividing (:func:`finish_response_kl`): a response's KL never depends on how it was packed.
+    """
+
+    kl_sum: Tensor
+    tokens: Tensor
+
+
+def response_kl_parts(
+    logp: Tensor, logp_anchor: Tensor, mask: Tensor, seq_ids: Tensor, num_seqs: int
+) -> ResponseKLParts:
+    """sum_t (log pi_theta(y_t) - log pi_anchor(y_t)) and the token count of every response.
+
+    Args:
+        logp, logp_anchor: per-token log-probs of the sampled tokens, any shape (e.g. [b, S] or [1, b*S]).
+        mask: same shape, > 0 on response tokens (EOS included).
+        seq_ids: same shape, the response index in [0, num_seqs) of every masked token (others ignored).
+        num_seqs: the number of responses (of the whole step, not only this micro-batch).
+
+    Unlike :func:`sequence_reduce` the unmasked tokens are dropped, not multiplied by 0, so a
+    non-finite log-prob on a padding position cannot reach any response.
+    """
+    m = mask > 0
+    ids = seq_ids[m]
+    k1 = kl_k1(logp.double()[m], logp_anchor.double()[m])
+    kl_sum = torch.zeros(num_seqs, dtype=torch.float64).index_add_(0, ids, k1)
+    tokens = torch.zeros(num_seqs, dtype=torch.float64).index_add_(0, ids, torch.ones_like(k1))
+    return ResponseKLParts(kl_sum, tokens)
+
+
+def finish_response_kl(kl_sum: Tensor, tokens: Tensor, reduce: Literal["sum", "mean"] = "sum") -> Tensor:
+    """KL_i from the summed parts: the sum (T1) or the mean over the response's tokens (0 tokens: 0)."""
+    if reduce == "sum":
+        return kl_sum / 1.0
+    if reduce == "mean":
+        return kl_sum / tokens.clamp(min=1)
+    raise ValueError(f"reduce must be 'sum' or 'mean', got {reduce!r}")

@@ -25,7 +25,6 @@ from __future__ import annotations
 import array
 import datetime
 import json
-import shutil
 import socket
 import time
 from collections.abc import Sequence
@@ -35,6 +34,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from megatron_t1.atomic import atomic_dir
 from megatron_t1.config import Config, ConfigError
 from megatron_t1.rollout.engine import (
     Completion,
@@ -255,7 +255,10 @@ class DistributedRollout:
         params = SamplingParams(temperature=e.temperature, max_tokens=e.max_new_tokens)
         seeds = [sample_seed(cfg.run.seed, -1, i) for i in range(len(problems))]  # -1: not a train step
         step_stats = self.stats  # the step's rollout numbers stay what the step logs
-        gens = self.generate(problem_prompts(tokenizer, problems), e.n_samples, params, seeds=seeds)
+        texts = problem_prompts(
+            tokenizer, problems, template=cfg.data.prompt_template, system=cfg.data.system_prompt
+        )
+        gens = self.generate(texts, e.n_samples, params, seeds=seeds)
         self.stats = step_stats
         res = None
         if self.rank == 0:
@@ -339,15 +342,11 @@ def _vllm_engine(cfg: Config, tokenizer, device: torch.device, run_dir: Path, *,
     dtype = "bfloat16" if cfg.model.precision == "bf16" and device.type == "cuda" else "float32"
     folder = run_dir / "rollout_model"  # what vLLM reads at start: the shape and the tokenizer
     if rank == 0:
-        tmp = folder.with_name(folder.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        (tmp / "config.json").write_text(
-            json.dumps(spec_for_arch(cfg.model.arch).hf_config(cfg.model, dtype), indent=2)
-        )
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(folder, ignore_errors=True)
-        tmp.rename(folder)
+        with atomic_dir(folder, replace=True) as tmp:
+            (tmp / "config.json").write_text(
+                json.dumps(spec_for_arch(cfg.model.arch).hf_config(cfg.model, dtype), indent=2)
+            )
+            tokenizer.save_pretrained(tmp)
     if group is not None:
         dist.barrier(group=group)  # the run folder is on the job's shared filesystem
     extra = {"enable_sleep_mode": True, "sleep_level": ro.sleep_level} if device.type == "cuda" else {}

@@ -45,6 +45,7 @@ from typing import Any
 
 import torch
 
+from megatron_t1.atomic import atomic_dir
 from megatron_t1.rollout.engine import (
     Completion,
     EngineError,
@@ -514,12 +515,17 @@ def write_safetensors_shards(
     named_tensors: Iterable[tuple[str, torch.Tensor]], folder: str | os.PathLike, *, shard_mb: int = 512
 ) -> tuple[Path, int]:
     """Write the stream as ``model-0000k.safetensors`` files of about ``shard_mb`` each (plus an
-    index), atomically: into ``folder.tmp`` first, renamed when complete. Returns (folder, count)."""
+    index), atomically (:func:`megatron_t1.atomic.atomic_dir`: a temporary sibling renamed over
+    ``folder`` when complete). Returns (folder, count)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
-    tmp = folder.with_name(folder.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
+    with atomic_dir(folder, replace=True) as tmp:
+        count = _write_shards(named_tensors, tmp, shard_mb, save_file)
+    return folder, count
+
+
+def _write_shards(named_tensors, tmp: Path, shard_mb: int, save_file) -> int:
     shard: dict[str, torch.Tensor] = {}
     size = count = 0
     index: dict[str, str] = {}
@@ -544,8 +550,7 @@ def write_safetensors_shards(
             flush()
     flush()
     (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
-    tmp.rename(folder)
-    return folder, count
+    return count
 
 
 class _NCCLSender:

@@ -60,13 +60,11 @@ def run_sft(cfg: Config) -> dict:
     """Train; returns a summary (final loss, steps, wall time, run folder)."""
     t_start = time.perf_counter()
     ctx = init_parallel(cfg.parallel, seed=cfg.run.seed, device=cfg.run.device)
-    cfg.validate(world_size=ctx.world_size)
+    cfg.validate(world_size=ctx.world_size, stage="sft")
     run_dir = cfg.run.run_dir
     if ctx.rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
-    if not cfg.data.train_path:
-        raise ConfigError("data.train_path: an SFT dataset (jsonl or parquet with 'messages') is required")
 
     tok = load_tokenizer(cfg)
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

@@ -239,3 +239,38 @@ def test_hf_rope_scaling_and_llama_bias_are_refused(tmp_path):
         rope_parameters={"rope_type": "default", "partial_rotary_factor": 0.25},
     )
     assert model_config_from_hf(d)["rotary_percent"] == 0.25
+
+
+def test_stage_checks_name_the_missing_field():
+    cfg = Config()
+    with pytest.raises(ConfigError, match="data.train_path: an SFT dataset"):
+        cfg.validate(stage="sft")
+    with pytest.raises(ConfigError, match="data.train_path: an RL prompt set"):
+        cfg.validate(stage="rl")
+    cfg.data.train_path = "prompts.jsonl"
+    cfg.validate(stage="rl")
+    cfg.eval.eval_every = 5
+    with pytest.raises(ConfigError, match="eval.eval_every is set but eval.heldout_path is not"):
+        cfg.validate(stage="rl")
+    cfg.validate(stage="sft")  # held-out evaluation is the RL loop's
+    cfg.eval.heldout_path, cfg.eval.eval_every = "val.jsonl", 0
+    cfg.checkpoint.keep_best = True
+    with pytest.raises(ConfigError, match="keep_best selects among held-out evaluations"):
+        cfg.validate(stage="rl")
+    cfg.eval.eval_every = 5
+    cfg.validate(stage="rl")
+    with pytest.raises(ValueError, match="stage"):
+        cfg.validate(stage="dpo")
+
+
+def test_prompt_template_is_a_checked_field_and_the_demo_sets_its_own(tmp_path):
+    from megatron_t1.data.synthetic import DEMO_PROMPT_TEMPLATE
+    from megatron_t1.data.template import DEFAULT_PROMPT_TEMPLATE
+
+    assert load_config(None).data.prompt_template == DEFAULT_PROMPT_TEMPLATE
+    assert load_config("examples/tiny_cpu/rl.yaml").data.prompt_template == DEMO_PROMPT_TEMPLATE
+    p = _write(tmp_path, "data:\n  prompt_template: 'Solve: {problem}'\n")
+    with pytest.raises(ConfigError, match=r"data.prompt_template must contain \{question\} exactly once"):
+        load_config(p)
+    cfg = load_config(None, ["data.system_prompt=You are a careful mathematician."])
+    assert cfg.data.system_prompt == "You are a careful mathematician."

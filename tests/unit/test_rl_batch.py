@@ -95,3 +95,45 @@ def test_padding_rows_carry_no_loss():
     mbs = collate_rl_rank(plan, 1, docs, [4, 4, 4], pad_id=0)
     assert len(mbs) == 2 and float(mbs[1]["loss_mask"].sum()) == 0.0
     assert torch.equal(mbs[1]["doc_ids"], torch.full((1, 8), -1))
+
+
+def test_minibatch_parts_keep_prompt_groups_whole_and_deal_them_round_robin():
+    from megatron_t1.data.rl_batch import minibatch_parts
+
+    assert minibatch_parts(6, 2, 1) == [[0, 1, 2, 3, 4, 5]]
+    assert minibatch_parts(8, 2, 2) == [[0, 1, 4, 5], [2, 3, 6, 7]]
+    assert minibatch_parts(6, 3, 5) == [[0, 1, 2], [3, 4, 5]]  # at most one mini-batch per group
+    for parts in (minibatch_parts(12, 3, 3), minibatch_parts(12, 4, 2)):
+        assert sorted(d for p in parts for d in p) == list(range(12))
+    with pytest.raises(ValueError, match="groups of k=4"):
+        minibatch_parts(6, 4, 1)
+
+
+def test_pack_step_is_the_plan_and_collate_of_each_mini_batch():
+    from megatron_t1.data.rl_batch import pack_step
+
+    g = torch.Generator().manual_seed(0)
+    docs = [list(range(1, 3 + int(torch.randint(0, 9, (1,), generator=g)))) for _ in range(8)]
+    plens = [2] * 8
+    lps = [[-0.1 * (d + 1)] * (len(docs[d]) - 2) for d in range(8)]
+    step = pack_step(
+        docs, plens, {"rollout_logprobs": lps}, k=2, optim_steps=2, seq_len=16, dp=2, dp_rank=1,
+        micro_batch_size=2, pad_id=0,
+    )  # fmt: skip
+    assert step.num_minibatches == 2 and step.parts == [[0, 1, 4, 5], [2, 3, 6, 7]]
+    assert step.response_tokens() == sum(len(d) - 2 for d in docs)
+    assert step.response_tokens([0, 1]) == len(docs[0]) + len(docs[1]) - 4
+    for part, mbs, plan in zip(step.parts, step.microbatches, step.plans):
+        want_plan = plan_rl_packing([len(docs[d]) for d in part], 16, 2, 2)
+        assert plan.rows == want_plan.rows
+        want = collate_rl_rank(
+            want_plan, 1, [docs[d] for d in part], [2] * len(part), 0,
+            {"rollout_logprobs": [lps[d] for d in part]}, doc_index=part,
+        )  # fmt: skip
+        assert len(mbs) == len(want)
+        for a, b in zip(mbs, want):
+            assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a if key != "max_seqlen")
+    seen = {int(d) for mb in step.all_microbatches() for d in mb["doc_ids"].unique() if d >= 0}
+    assert seen <= set(range(8))
+    stats = step.plan_stats()
+    assert stats["pad_frac"] == pytest.approx(sum(p.stats()["pad_frac"] for p in step.plans) / 2)
