@@ -37,9 +37,11 @@ import torch.distributed as dist
 
 from megatron_t1.atomic import atomic_dir
 from megatron_t1.config import Config
+from megatron_t1.convert.offline import mcore_to_hf
 from megatron_t1.mcore.checkpoint import step_dir_name
 from megatron_t1.train.rl_phases import (
     PhaseTimes,
+    RLRun,
     Update,
     advantage_phase,
     anchor_phase,
@@ -47,13 +49,14 @@ from megatron_t1.train.rl_phases import (
     checkpoint_phase,
     eval_phase,
     exits_after,
+    initial_eval_phase,
+    log_phase,
     logprob_phase,
     pack_phase,
     rollout_phase,
     score_phase,
     select_phase,
     setup,
-    step_scalars,
     update_phase,
 )
 
@@ -64,11 +67,7 @@ def run_rl(cfg: Config) -> dict:
     """Train with T1's RL recipe; returns a summary of the last step."""
     t0 = time.perf_counter()
     run = setup(cfg)
-    ev0 = cfg.eval
-    if run.heldout and ev0.eval_every and ev0.eval_at_start and run.start == 0:  # the curve's step 0
-        t = time.perf_counter()
-        ev = run.rollout.evaluate(run.heldout, cfg, run.tokenizer)
-        run.logger.step(0, {**ev, "eval_s": time.perf_counter() - t}, advance=False)
+    initial_eval_phase(run)  # the validation curve's step 0
     scalars: dict[str, float] = {}
     done = run.start
     for step in range(run.start, cfg.run.train_steps):
@@ -96,15 +95,14 @@ def run_rl(cfg: Config) -> dict:
         times.lap("sync_s")
         ev = eval_phase(run, done, times)
         checkpoint_phase(run, done, times)
-        scalars = step_scalars(run, ro, rewards, batch, passes, adv, update, sync_res.metrics(), ev, times)
-        run.logger.step(done, scalars, tokens=batch.response_tokens())
+        scalars = log_phase(run, done, ro, rewards, batch, passes, adv, update, sync_res.metrics(), ev, times)
         if exits_after(run, done):
             run.logger.info(f"exit_interval: stopping after step {done} (checkpoint saved; rerun to resume)")
             break
     return finish(run, done, scalars, t0)
 
 
-def finish(run, done: int, scalars: dict[str, float], t0: float) -> dict:
+def finish(run: RLRun, done: int, scalars: dict[str, float], t0: float) -> dict:
     """Close the scorer; after a completed run, export the final (and the best) policy as HF folders;
     close the logger and the engines; the run's summary."""
     cfg, ctx = run.cfg, run.ctx
@@ -148,8 +146,6 @@ def finish(run, done: int, scalars: dict[str, float], t0: float) -> dict:
 def export_hf(cfg: Config, ckpt_root: Path, out: Path) -> Path:
     """The converter's mcore -> HF of the newest checkpoint, plus the tokenizer files (atomic: an old
     ``out`` is replaced only by a complete export)."""
-    from megatron_t1.convert.offline import mcore_to_hf
-
     with atomic_dir(out, replace=True) as tmp:
         tmp.rmdir()  # mcore_to_hf creates its output folder
         mcore_to_hf(ckpt_root, tmp, progress=False)

@@ -427,6 +427,16 @@ def best_step(evals: dict[int, float]) -> int | None:
     return max(evals, key=lambda step: (evals[step], step)) if evals else None
 
 
+def initial_eval_phase(run: RLRun) -> None:
+    """With ``eval.eval_every`` and ``eval.eval_at_start``, a fresh run first evaluates (and logs as
+    step 0) the starting policy."""
+    ev = run.cfg.eval
+    if run.heldout and ev.eval_every and ev.eval_at_start and run.start == 0:
+        t = time.perf_counter()
+        res = run.rollout.evaluate(run.heldout, run.cfg, run.tokenizer)
+        run.logger.step(0, {**res, "eval_s": time.perf_counter() - t}, advance=False)
+
+
 def eval_phase(run: RLRun, done: int, times: dict[str, float]) -> dict[str, float]:
     """Held-out accuracy of the synced engines after step ``done`` (every ``eval.eval_every`` steps and
     at the last), recorded for ``checkpoint.keep_best``; {} when not evaluated. Adds ``eval_s``."""
@@ -468,8 +478,9 @@ def checkpoint_phase(run: RLRun, done: int, times: dict[str, float]) -> None:
     times["ckpt_s"] = time.perf_counter() - t
 
 
-def step_scalars(
+def log_phase(
     run: RLRun,
+    done: int,
     ro: Rollouts,
     rewards: torch.Tensor,
     batch: StepBatches,
@@ -480,8 +491,9 @@ def step_scalars(
     ev: dict[str, float],
     times: dict[str, float],
 ) -> dict[str, float]:
-    """The step's log line: loss and optimizer, rewards and responses, KL and advantages, packing,
-    rollout, sync, held-out accuracy and the phases' seconds."""
+    """Log step ``done`` (metrics.jsonl, tensorboard, progress bar) and return its scalars: loss and
+    optimizer, rewards and responses, KL and advantages, packing, rollout, sync, held-out accuracy and
+    the phases' seconds."""
     flat = ro.completions()
     lengths = torch.tensor([len(c.token_ids) for c in flat], dtype=torch.float32)
     a = adv.values
@@ -510,4 +522,5 @@ def step_scalars(
     if run.cfg.loss.tis_cap is not None:
         n_tok = max(batch.response_tokens(), 1)
         scalars |= {"tis_weight": adv.tis_weight_sum / n_tok, "tis_clip_frac": adv.tis_clipped / n_tok}
+    run.logger.step(done, scalars, tokens=batch.response_tokens())
     return scalars
