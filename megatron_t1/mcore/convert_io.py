@@ -8,7 +8,8 @@ built ``GPTModel``:
 * :func:`load_hf_into_model`: copy an HF folder's weights into this rank's chunks (any TP/PP),
   reading only the tensors of its pipeline stage.
 * :func:`megatron_logits`: a forward pass over TP/PP ranks (point-to-point between stages, logits
-  gathered over TP) returning full-vocabulary logits.
+  gathered over TP) returning full-vocabulary logits; :func:`megatron_token_logprobs` the token
+  log-probs from them on every stage (the weight sync's parity probe).
 * :func:`verify`: spawn ``tp * pp`` ranks, load a converted checkpoint through
   ``mcore/checkpoint.py`` (the path ``checkpoint.init_from`` takes), compare logits with
   transformers on the same tokens.
@@ -149,6 +150,31 @@ def megatron_logits(
     return out[..., : cfg.model.vocab_size].float().cpu()
 
 
+@torch.no_grad()
+def megatron_token_logprobs(
+    model_chunks: Sequence[torch.nn.Module], tokens: torch.Tensor, cfg: Config
+) -> torch.Tensor:
+    """``log p(x_t | x_<t)`` ``[b, s - 1]`` float32 (CPU, untempered) of ``tokens`` ``[b, s]``, on
+    every rank of the pipeline group: :func:`megatron_logits` on the last stage, then broadcast
+    over PP. The chunks' train / eval modes are restored afterwards."""
+    modes = [c.training for c in model_chunks]
+    try:
+        logits = megatron_logits(model_chunks, tokens, cfg)
+    finally:
+        for c, m in zip(model_chunks, modes):
+            c.train(m)
+    b, s = tokens.shape
+    out = torch.empty(b, s - 1, dtype=torch.float32)
+    if logits is not None:
+        out.copy_(torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, tokens[:, 1:, None])[..., 0])
+    pp = ps.get_pipeline_model_parallel_world_size()
+    if pp > 1:
+        buf = out.to(next(model_chunks[0].parameters()).device)
+        dist.broadcast(buf, group=ps.get_pipeline_model_parallel_group(), group_src=pp - 1)
+        out = buf.cpu()
+    return out
+
+
 def hf_logits(hf_dir: str | os.PathLike, tokens: torch.Tensor) -> torch.Tensor:
     """transformers' float32 logits ``[b, s, V]`` for ``tokens`` (CPU)."""
     from transformers import AutoModelForCausalLM
@@ -280,6 +306,7 @@ __all__ = [
     "hf_logits",
     "load_hf_into_model",
     "megatron_logits",
+    "megatron_token_logprobs",
     "read_checkpoint_metadata",
     "verify",
     "verify_config",

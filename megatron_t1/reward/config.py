@@ -22,7 +22,7 @@ class RewardConfig:
     """Reward of an undesired response (any enabled detector fired); overrides correctness."""
 
     num_workers: int = 2
-    """Worker processes (spawn) that extract and verify answers. 0 scores in the calling process:
+    """Worker processes (fresh interpreters) that extract and verify answers. 0 scores in the calling process:
     the per-answer timeout still applies there (main thread only) but no wall-clock guard does,
     so 0 is for debugging and single-process benchmarks only."""
     timeout_s: float = 1.0

@@ -26,21 +26,29 @@ one group until it is drained and then takes a group no other worker is on, so t
 share that worker's caches (the reference parsed once, each distinct answer string parsed once);
 only at the tail of a run does an idle worker take tasks from the end of another worker's group.
 
-Processes use the ``spawn`` start method (no fork of a parent holding threads, CUDA or locks).
-Like every spawn user, a script that creates a pool must guard its entry point with
-``if __name__ == "__main__":``. Use the pool as a context manager, or call :meth:`close`.
+Workers are fresh interpreters started with :mod:`subprocess` (``python -c`` running
+:func:`_worker_main`, the parent's ``sys.path`` sent first), not with multiprocessing: no fork of a
+parent holding threads, CUDA or locks, and, unlike the ``spawn`` start method (whose
+``spawn.prepare`` re-runs the caller's ``__main__`` script as ``__mp_main__`` in every child), the
+caller's script is never re-run. So a script needs no ``if __name__ == "__main__":`` guard, and its
+own imports (torch, say) are not repeated in each worker. The price: ``handler`` and ``init`` must
+live in an importable module, not in ``__main__``. Use the pool as a context manager, or call
+:meth:`close` (workers left running are killed at interpreter exit).
 """
 
 from __future__ import annotations
 
-import multiprocessing as mp
 import multiprocessing.connection as mpc
 import os
-import signal
+import socket
+import subprocess
+import sys
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
+from multiprocessing.reduction import ForkingPickler
 from typing import Any
 
 __all__ = ["TaskResult", "WorkerPool"]
@@ -55,9 +63,21 @@ class TaskResult:
     value: Any = None
 
 
+# What a worker runs (``python -c``). Ctrl-C is the parent's to handle: ignored first, before the
+# imports. sys.path comes first, so that the handler's module imports as it does in the parent.
+_BOOTSTRAP = """\
+import signal, sys
+signal.signal(signal.SIGINT, signal.SIG_IGN)
+from multiprocessing.connection import Connection
+conn = Connection({fd})
+sys.path[:] = conn.recv()
+from megatron_t1.reward.pool import _worker_main
+_worker_main(conn, *conn.recv())
+"""
+
+
 def _worker_main(conn: mpc.Connection, handler: Callable, init: Callable | None, init_args: tuple) -> None:
     """Loop of a worker process: reads ``(scope, index, task)`` messages until None or EOF."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle, not ours
     context = init(*init_args) if init is not None else None
     conn.send(("ready", os.getpid(), time.process_time()))
     cache: dict = {}
@@ -134,9 +154,80 @@ class _Pending:
         self.count += 1
 
 
+class _Process:
+    """One worker process, with the part of ``multiprocessing.Process``'s interface the pool uses.
+
+    ``conn``: the parent's end of a socket pair whose other end the worker reads. ``sentinel``: a
+    pipe whose write end only the worker holds, readable (EOF) once it is gone (as in
+    multiprocessing).
+    """
+
+    def __init__(self, handler: Callable, init: Callable | None, init_args: tuple) -> None:
+        payload = ForkingPickler.dumps((handler, init, init_args))  # fails here, before a start
+        ours, theirs = socket.socketpair()
+        for sock in (ours, theirs):
+            sock.setblocking(True)  # as multiprocessing.Pipe: a global socket timeout must not apply
+        sentinel, alive_w = os.pipe()
+        try:
+            self._popen = subprocess.Popen(
+                [sys.executable, "-c", _BOOTSTRAP.format(fd=theirs.fileno())],
+                pass_fds=(theirs.fileno(), alive_w),
+                stdin=subprocess.DEVNULL,
+            )
+        except BaseException:
+            ours.close()
+            os.close(sentinel)
+            raise
+        finally:
+            theirs.close()
+            os.close(alive_w)
+        self.pid = self._popen.pid
+        self.sentinel = sentinel
+        self.conn = mpc.Connection(ours.detach())
+        try:  # small messages: they wait in the socket buffer while the worker starts
+            self.conn.send(list(sys.path))
+            self.conn.send_bytes(payload)
+        except OSError:
+            pass  # it died at once: the pool finds it dead before it is ready and raises
+
+    @property
+    def exitcode(self) -> int | None:
+        """None while running; negative: killed by that signal."""
+        return self._popen.poll()
+
+    def is_alive(self) -> bool:
+        return self._popen.poll() is None
+
+    def kill(self) -> None:
+        if self._popen.poll() is None:
+            self._popen.kill()
+
+    def join(self, timeout: float | None = None) -> None:
+        try:
+            self._popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+
+    def close(self) -> None:
+        """Close the parent's descriptors (after the process is gone)."""
+        self.conn.close()
+        if self.sentinel >= 0:
+            os.close(self.sentinel)
+            self.sentinel = -1
+
+
+def _kill_all(slots: list) -> None:
+    """Kill and reap every worker of a pool (its :meth:`WorkerPool.close`, or interpreter exit)."""
+    for slot in slots:
+        slot.proc.kill()
+    for slot in slots:
+        slot.proc.join(timeout=5)
+        slot.proc.close()
+
+
 @dataclass
 class _Slot:
-    proc: Any
+    proc: _Process
     conn: mpc.Connection
     ready: bool = False
     spawned_at: float = 0.0
@@ -149,12 +240,12 @@ class _Slot:
 
 
 class WorkerPool:
-    """``num_workers`` spawn processes running ``handler``; see the module docstring.
+    """``num_workers`` worker processes running ``handler``; see the module docstring.
 
     Args:
-        handler: module-level function ``(task, cache: dict, context) -> value`` (picklable by
-            reference). It must bound its own work where it can (the scorer arms SIGPROF); the
-            wall guard is the backstop.
+        handler: module-level function ``(task, cache: dict, context) -> value`` of an importable
+            module, not ``__main__`` (picklable by reference). It must bound its own work where it
+            can (the scorer arms SIGPROF); the wall guard is the backstop.
         num_workers: processes (>= 1).
         wall_timeout_s: wall seconds a task may run before its worker may be killed.
         cpu_timeout_s: ... and the CPU seconds the worker must also have spent on it (None: wall
@@ -162,7 +253,8 @@ class WorkerPool:
         stall_timeout_s: wall seconds after which a task's worker is killed if it used no CPU
             for a second (default 10 x wall_timeout_s).
         start_timeout_s: seconds a new worker may take to send "ready" (imports + ``init``).
-        init, init_args: module-level ``init(*init_args) -> context`` run once per worker.
+        init, init_args: module-level ``init(*init_args) -> context`` run once per worker (the
+            same rule as ``handler``; ``init_args`` are pickled).
         depth: tasks queued per worker (>= 1).
     """
 
@@ -184,7 +276,12 @@ class WorkerPool:
                 f"WorkerPool: need num_workers >= 1, depth >= 1, wall_timeout_s > 0; got "
                 f"{num_workers}, {depth}, {wall_timeout_s}"
             )
-        self._ctx = mp.get_context("spawn")
+        for what, fn in (("handler", handler), ("init", init)):
+            if fn is not None and getattr(fn, "__module__", None) == "__main__":
+                raise ValueError(
+                    f"WorkerPool: {what} {getattr(fn, '__qualname__', fn)!r} is defined in __main__; "
+                    "workers do not run the calling script, so define it in an importable module"
+                )
         self._handler, self._init, self._init_args = handler, init, init_args
         self.wall_timeout_s = wall_timeout_s
         self.cpu_timeout_s = cpu_timeout_s
@@ -195,26 +292,19 @@ class WorkerPool:
         """Workers replaced so far (killed when stuck, or found dead)."""
         self._closed = False
         self._fresh = 0
-        self._slots = [self._spawn() for _ in range(num_workers)]
+        self._slots: list[_Slot] = []
+        self._finalizer = weakref.finalize(self, _kill_all, self._slots)  # the same list, kept updated
+        self._slots.extend(self._spawn() for _ in range(num_workers))
 
     # ---------------------------------------------------------------------------------------------
     def _spawn(self) -> _Slot:
-        parent, child = self._ctx.Pipe(duplex=True)
-        proc = self._ctx.Process(
-            target=_worker_main,
-            args=(child, self._handler, self._init, self._init_args),
-            daemon=True,
-            name="reward-worker",
-        )
-        proc.start()
-        child.close()
-        return _Slot(proc=proc, conn=parent, spawned_at=time.monotonic())
+        proc = _Process(self._handler, self._init, self._init_args)
+        return _Slot(proc=proc, conn=proc.conn, spawned_at=time.monotonic())
 
     def _kill(self, slot: _Slot) -> None:
-        if slot.proc.is_alive():
-            slot.proc.kill()  # SIGKILL: a worker stuck in C ignores anything gentler
+        slot.proc.kill()  # SIGKILL: a worker stuck in C ignores anything gentler
         slot.proc.join(timeout=5)
-        slot.conn.close()
+        slot.proc.close()
 
     def _replace(self, i: int, pending: _Pending) -> None:
         """Kill slot i, give its queued tasks (not the head, already resolved) back, respawn."""
@@ -372,7 +462,7 @@ class WorkerPool:
         deadline = time.monotonic() + 1.0
         for slot in self._slots:
             slot.proc.join(timeout=max(0.0, deadline - time.monotonic()))
-            self._kill(slot)
+        self._finalizer()  # kills whatever is left, reaps all, closes the descriptors
 
     def __enter__(self) -> WorkerPool:
         return self

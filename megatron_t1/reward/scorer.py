@@ -4,7 +4,7 @@
 penalty overrides correctness), else ``correct`` (1) if the extracted final answer equals the
 reference under math-verify, else ``wrong`` (0): wrong, missing, too complex, timed out.
 
-Scoring runs in a :class:`~megatron_t1.reward.pool.WorkerPool` of spawn processes: each answer
+Scoring runs in a :class:`~megatron_t1.reward.pool.WorkerPool` of worker processes: each answer
 is extracted, parsed and compared under a ``timeout_s`` CPU-time budget (SIGPROF) in its worker,
 and the parent kills and replaces a worker stuck past ``wall_guard_s`` (see the config fields).
 The responses of one reference form a group that one worker drains (see the pool): it parses the
@@ -185,7 +185,8 @@ class RewardScorer:
 
     Creating it starts ``cfg.num_workers`` workers in the background (each imports math-verify and
     warms up, ~1-2 s); :meth:`score` waits for them if needed. Always :meth:`close` it (or use
-    ``with``). Scripts must guard their entry point with ``if __name__ == "__main__":`` (spawn).
+    ``with``). The workers are fresh interpreters that do not re-run the calling script, so a
+    script needs no ``if __name__ == "__main__":`` guard.
     """
 
     def __init__(self, config: RewardConfig | None = None) -> None:

@@ -11,7 +11,7 @@ rollout log-probs enter the importance weights and the KL estimate). One sync is
    collectives complete, then the error is raised.
 2. :func:`parity_by_engine`: every engine scores a few fixed token sequences; the trainer computes
    the same log-probs with a Megatron forward pass (TP/PP, :func:`megatron_t1.mcore.convert_io
-   .megatron_logits`); the mean and max ``|log p_engine - log p_policy|`` of each engine are gathered
+   .megatron_token_logprobs`); the mean and max ``|log p_engine - log p_policy|`` of each engine are gathered
    from all ranks, so every rank sees every engine's numbers and stops together.
 3. :class:`WeightSync` runs both, returns :class:`SyncResult` (logged every step) and raises
    :class:`ParityError` on every rank, naming the engines out of parity, when one exceeds the threshold.
@@ -124,31 +124,13 @@ def policy_logprobs(model_chunks: Sequence[torch.nn.Module], cfg: Any, sequences
     All sequences must have the same length L. Logits come from the last pipeline stage (gathered
     over TP, vocabulary padding dropped) and are broadcast over the PP group.
     """
-    from megatron.core import parallel_state as ps
-
-    from megatron_t1.mcore.convert_io import megatron_logits
+    from megatron_t1.mcore.convert_io import megatron_token_logprobs
 
     lengths = {len(s) for s in sequences}
     if len(lengths) != 1:
         raise ValueError(f"probe sequences must have one length, got {sorted(lengths)}")
     tokens = torch.tensor([list(s) for s in sequences], dtype=torch.long)
-    modes = [c.training for c in model_chunks]
-    try:
-        logits = megatron_logits(model_chunks, tokens, cfg)
-    finally:
-        for c, m in zip(model_chunks, modes):
-            c.train(m)
-    n, length = tokens.shape
-    out = torch.empty(n, length - 1, dtype=torch.float32)
-    if logits is not None:
-        out.copy_(torch.log_softmax(logits[:, :-1].float(), dim=-1).gather(-1, tokens[:, 1:, None])[..., 0])
-    pp = ps.get_pipeline_model_parallel_world_size()
-    if pp > 1:
-        device = next(model_chunks[0].parameters()).device
-        buf = out.to(device)
-        dist.broadcast(buf, group=ps.get_pipeline_model_parallel_group(), group_src=pp - 1)
-        out = buf.cpu()
-    return out
+    return megatron_token_logprobs(model_chunks, tokens, cfg)
 
 
 def parity_by_engine(

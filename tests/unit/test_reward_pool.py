@@ -151,6 +151,17 @@ def test_start_failure_raises_and_close_is_idempotent():
         pool.run([("double", 1)])
 
 
+def test_handler_from_main_is_refused():
+    """Workers never run the calling script, so a handler defined there could not be found."""
+
+    def handler(task, cache, context):
+        return task
+
+    handler.__module__ = "__main__"
+    with pytest.raises(ValueError, match="defined in __main__"):
+        WorkerPool(handler, num_workers=1, wall_timeout_s=1.0)
+
+
 # --------------------------------------------------------------------------------------------------
 # the scorer on top of the pool
 # --------------------------------------------------------------------------------------------------
@@ -243,3 +254,35 @@ def test_imports_without_torch_megatron_or_sympy():
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "ok"
+
+
+UNGUARDED = """\
+from megatron_t1.reward import RewardConfig, compute_rewards
+
+print("top level")
+batch = compute_rewards(["so \\\\boxed{4}", "no"], ["4", "4"], truncated=[False, False],
+                        config=RewardConfig(num_workers=1))
+print("rewards", batch.rewards)
+"""
+
+
+@pytest.mark.parametrize("how", ["path", "module", "stdin"])
+def test_script_without_main_guard(tmp_path, how):
+    """A script that scores at top level, with no ``if __name__ == "__main__":`` guard, works run as
+    a file, as ``-m`` or from stdin: the workers do not re-run it (under multiprocessing's spawn each
+    worker re-ran it and the pool failed with "reward worker failed to start")."""
+    (tmp_path / "unguarded.py").write_text(UNGUARDED)
+    args = {"path": [str(tmp_path / "unguarded.py")], "module": ["-m", "unguarded"], "stdin": ["-"]}[how]
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+    out = subprocess.run(
+        [sys.executable, *args],
+        input=UNGUARDED if how == "stdin" else None,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.splitlines() == ["top level", "rewards [1.0, 0.0]"]
