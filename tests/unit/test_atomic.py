@@ -84,3 +84,23 @@ def test_publish_dir_moves_the_old_folder_aside(tmp_path):
     assert tmp.exists()
     publish_dir(tmp, out)
     assert _entries(out) == ["new"] and _entries(tmp_path) == ["step_1"]
+
+
+def test_every_writer_goes_through_this_module():
+    """No hand-written temp-then-rename elsewhere: ``os.replace`` / ``os.rename`` / ``.rename(`` appear
+    only in megatron_t1/atomic.py (the package and tools/)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    pattern = re.compile(r"\bos\.(replace|rename)\(|\.rename\(")
+    files = sorted([*(root / "megatron_t1").rglob("*.py"), *(root / "tools").glob("*.py")])
+    assert len(files) > 50
+    found = [
+        f"{p.relative_to(root)}:{i}: {line.strip()}"
+        for p in files
+        if p.name != "atomic.py" or p.parent.name != "megatron_t1"
+        for i, line in enumerate(p.read_text().splitlines(), start=1)
+        if pattern.search(line)
+    ]
+    assert not found, "rename outside megatron_t1/atomic.py:\n" + "\n".join(found)
