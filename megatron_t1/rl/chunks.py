@@ -1,7 +1,7 @@
 """How many logits one chunk of the log-prob / entropy kernels holds: pure arithmetic, no torch.
 
 Shared by the kernels (:mod:`megatron_t1.rl.logprobs` over logits, :mod:`megatron_t1.rl.fused` from
-hidden states) and the memory planner (:mod:`megatron_t1.plan`, which imports no torch), so that the
+hidden states) and the memory planner (:mod:`megatron_t1.plan.formulas`, no torch), so that the
 plan counts the chunks the kernels allocate. ``device_type`` is a torch device's ``type`` ("cpu",
 "cuda", ...): every type but "cpu" gets the GPU budget.
 """
