@@ -24,19 +24,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
-
-
-def _write_json_atomic(path: Path, obj) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(obj, f, indent=2)
-        f.write("\n")
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -65,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from megatron_t1.atomic import write_text_atomic
     from megatron_t1.data.io import DataError, write_jsonl_atomic
     from megatron_t1.eval.loaders import load_benchmark
     from megatron_t1.eval.prepare import (
@@ -133,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     write_jsonl_atomic(out / "removed.jsonl", removed)
-    _write_json_atomic(out / "report.json", report)
+    write_text_atomic(out / "report.json", json.dumps(report, indent=2) + "\n")
     print(f"benchmarks: {report['benchmarks']}")
     print(f"{'source':<12} {'read':>8} {'no_answer':>10} {'duplicates':>11} {'contaminated':>13} {'kept':>8}")
     for name, r in report["sources"].items():

@@ -2,16 +2,19 @@
 
 Every reader yields ``(line_no, record)`` with a 1-based line number (for parquet: the 1-based row
 number), so that callers can report ``path:line: what is wrong`` for bad content too. Writers are
-atomic: a temporary file in the same folder, then ``os.replace``.
+atomic (:mod:`megatron_t1.atomic`): the file appears under its name complete, or not at all.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import IO
+
+from megatron_t1.atomic import atomic_file
 
 
 class DataError(ValueError):
@@ -95,21 +98,33 @@ def require_field(path: str | os.PathLike, line_no: int, rec: dict, name: str, k
     return value
 
 
+class JsonlWriter:
+    """Appends records to an open text file, one JSON object (UTF-8, not ASCII-escaped) per line;
+    ``count`` is the number of records written so far."""
+
+    def __init__(self, f: IO[str]) -> None:
+        self._f = f
+        self.count = 0
+
+    def write(self, records: Iterable[dict]) -> None:
+        for rec in records:
+            self._f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+            self.count += 1
+
+
+@contextlib.contextmanager
+def open_jsonl_atomic(path: str | os.PathLike) -> Iterator[JsonlWriter]:
+    """A :class:`JsonlWriter` for records that come in batches (an evaluation, benchmark by benchmark).
+
+    ``path`` appears, complete, when the block ends; on an exception it is left as it was (an old file
+    stays, none appears) and the temporary file is deleted.
+    """
+    with atomic_file(path, "w") as f:
+        yield JsonlWriter(f)
+
+
 def write_jsonl_atomic(path: str | os.PathLike, records: Iterable[dict]) -> int:
     """Write records as jsonl (UTF-8, one object per line) atomically; returns the count."""
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    n = 0
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            for rec in records:
-                f.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                n += 1
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a dataset is meant to be shared
-        os.replace(tmp, p)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return n
+    with open_jsonl_atomic(path) as out:
+        out.write(records)
+    return out.count

@@ -23,7 +23,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 
-from megatron_t1.data.synthetic import prompt_messages
+from megatron_t1.data.template import prompt_messages
 from megatron_t1.eval.heldout import pass_at_1
 from megatron_t1.eval.loaders import EvalProblem
 
@@ -122,12 +122,12 @@ def compact(pc) -> PromptSamples:
 def chat_prompt_ids(
     tokenizer, problems: Sequence[EvalProblem], *, system: str | None = None
 ) -> list[list[int]]:
-    """Token ids of THE prompt template (:func:`megatron_t1.data.synthetic.prompt_messages`) rendered
-    by the tokenizer's chat template with the generation prompt, for every problem."""
+    """Token ids of the prompt (:data:`megatron_t1.data.template.DEFAULT_PROMPT_TEMPLATE`, the RL
+    default) rendered by the tokenizer's chat template with the generation prompt, for every problem."""
     out = []
     for p in problems:
         text = tokenizer.apply_chat_template(
-            prompt_messages(p.question, system), tokenize=False, add_generation_prompt=True
+            prompt_messages(p.question, system=system), tokenize=False, add_generation_prompt=True
         )
         out.append(tokenizer(text, add_special_tokens=False)["input_ids"])
     return out

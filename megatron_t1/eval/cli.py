@@ -21,20 +21,20 @@ the whole run) scores them. Outputs in the run folder ``--out``, each written at
 from __future__ import annotations
 
 import argparse
-import csv
-import io
+import contextlib
+import functools
 import json
 import os
 import shutil
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
-from megatron_t1.eval.benchmark import RESULT_COLUMNS, format_table, generate_and_score, result_rows
+from megatron_t1.atomic import write_text_atomic
 from megatron_t1.eval.loaders import EvalProblem, load_benchmark
-from megatron_t1.eval.scaling import SCALING_COLUMNS, Summariser, budget_sweep
+from megatron_t1.eval.phases import benchmark_phase, scaling_phase
+from megatron_t1.eval.scaling import Summariser
 
 __all__ = ["add_arguments", "main", "resolve_checkpoint", "run", "run_eval"]
 
@@ -224,57 +224,49 @@ def _load_engine(
     )
 
 
-# --------------------------------------------------------------------------------------------------
-# Output files (atomic)
-# --------------------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _loaded_checkpoint(
+    spec: str,
+    work_dir: Path,
+    *,
+    tokenizer: str | None,
+    keep_hf: bool,
+    log: Callable[[str], None],
+    **engine_kw,
+) -> Iterator[tuple[str, object, object]]:
+    """``(label, engine, tokenizer)`` of the checkpoint ``spec`` for the block; then the engine is
+    closed and, unless ``keep_hf``, the HF export of a Megatron checkpoint removed."""
+    from transformers import AutoTokenizer
 
-
-class _JsonlSink:
-    """Appends records to a temporary file in ``path``'s folder; :meth:`commit` renames it."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.chmod(self.tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
-        self.f = os.fdopen(fd, "w", encoding="utf-8")
-        self.count = 0
-
-    def write(self, records: Sequence[dict]) -> None:
-        for r in records:
-            self.f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        self.count += len(records)
-
-    def commit(self) -> None:
-        self.f.close()
-        os.replace(self.tmp, self.path)
-
-    def discard(self) -> None:
-        if not self.f.closed:
-            self.f.close()
-        if os.path.exists(self.tmp):
-            os.unlink(self.tmp)
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.chmod(tmp, 0o644)
+    label, hf_dir, exported = resolve_checkpoint(spec, work_dir, tokenizer=tokenizer)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        if exported:
+            log(f"[eval] {spec}: exported to {hf_dir}")
+        tok = AutoTokenizer.from_pretrained(str(hf_dir))
+        engine = _load_engine(hf_dir, **engine_kw)
+        try:
+            yield label, engine, tok
+        finally:
+            engine.close()
+    finally:
+        if exported and not keep_hf:
+            shutil.rmtree(hf_dir, ignore_errors=True)
+            hf = work_dir / "hf"
+            if hf.is_dir() and not any(hf.iterdir()):
+                hf.rmdir()
 
 
-def _csv_text(rows: Sequence[dict], columns: Sequence[str]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({c: ("" if r.get(c) is None else r[c]) for c in columns})
-    return buf.getvalue()
+def _load_summariser(hf_dir: str, *, system: str | None, **engine_kw) -> Summariser:
+    """A separate summariser model (``--summariser``): its own engine, tokenizer and chat template."""
+    from transformers import AutoTokenizer
+
+    engine = _load_engine(Path(hf_dir), **engine_kw)
+    return Summariser(engine, AutoTokenizer.from_pretrained(hf_dir), False, system)
+
+
+# --------------------------------------------------------------------------------------------------
+# The run
+# --------------------------------------------------------------------------------------------------
 
 
 def _json_safe(obj):
@@ -285,11 +277,6 @@ def _json_safe(obj):
     if isinstance(obj, list):
         return [_json_safe(v) for v in obj]
     return obj
-
-
-# --------------------------------------------------------------------------------------------------
-# The run
-# --------------------------------------------------------------------------------------------------
 
 
 def run_eval(
@@ -318,6 +305,10 @@ def run_eval(
 ) -> dict:
     """Evaluate every checkpoint on every benchmark (and sweep budgets); write the run folder.
 
+    The benchmark phase (:func:`~megatron_t1.eval.phases.benchmark_phase`) runs inside the scaling
+    phase (:func:`~megatron_t1.eval.phases.scaling_phase`, with ``budgets``), which sweeps each
+    benchmark's samples while their checkpoint is loaded; ``results.json`` comes last.
+
     Returns the content of ``results.json`` (``benchmarks``: one dict per (checkpoint, benchmark)
     as :meth:`~megatron_t1.eval.benchmark.BenchmarkResult.to_dict`; ``scaling``: the table rows).
     ``scaling_limit`` runs the budget sweep on the first N problems of each benchmark only (the
@@ -325,14 +316,10 @@ def run_eval(
     """
     import dataclasses
 
-    from transformers import AutoTokenizer
-
     from megatron_t1.reward import RewardConfig, RewardScorer
     from megatron_t1.rollout.engine import SamplingParams
 
     t0 = time.perf_counter()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if scaling_limit is not None and scaling_limit < 1:
         raise ValueError(f"scaling_limit={scaling_limit}: must be >= 1 (or None for every problem)")
     if budgets and max(budgets) > max_new_tokens:
@@ -340,101 +327,54 @@ def run_eval(
             f"budget {max(budgets)} > max_new_tokens={max_new_tokens}: the sweep truncates "
             "samples generated with the full budget"
         )
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     params = SamplingParams(
         temperature=temperature, top_p=top_p if temperature > 0 else 1.0, max_tokens=max_new_tokens, seed=seed
     )
-    summary_params = SamplingParams(temperature=0.0, max_tokens=summary_max_tokens, seed=seed)
     rcfg = reward_config if reward_config is not None else RewardConfig()
-    responses = _JsonlSink(out / "responses.jsonl")
-    scaling_sink = _JsonlSink(out / "scaling_responses.jsonl") if budgets else None
-    results, scaling_rows, exported = [], [], []
-    summariser = None
-    try:
-        with RewardScorer(rcfg) as scorer:
-            if budgets and summariser_dir is not None:
-                s_engine = _load_engine(
-                    Path(summariser_dir),
-                    engine=engine,
-                    dtype=dtype,
-                    seed=seed,
-                    batch_sequences=batch_sequences,
-                    max_new_tokens=summary_max_tokens,
-                    device=device,
-                )
-                summariser = Summariser(
-                    s_engine, AutoTokenizer.from_pretrained(summariser_dir), False, system
-                )
-            for spec in checkpoints:
-                label, hf_dir, was_exported = resolve_checkpoint(spec, out, tokenizer=tokenizer)
-                if was_exported:
-                    exported.append(hf_dir)
-                    log(f"[eval] {spec}: exported to {hf_dir}")
-                tok = AutoTokenizer.from_pretrained(str(hf_dir))
-                eng = _load_engine(
-                    hf_dir,
-                    engine=engine,
-                    dtype=dtype,
-                    seed=seed,
-                    batch_sequences=batch_sequences,
-                    max_new_tokens=max_new_tokens,
-                    device=device,
-                )
-                try:
-                    for name, problems in benchmarks.items():
-                        res, records, comps = generate_and_score(
-                            eng,
-                            tok,
-                            problems,
-                            scorer,
-                            n=n,
-                            params=params,
-                            checkpoint=label,
-                            system=system,
-                            progress=lambda m: log(f"[eval] {m}"),
-                        )
-                        responses.write(records)
-                        results.append(res)
-                        log(
-                            f"[eval] {label} / {name}: pass@1 = {res.overall.accuracy:.4f} "
-                            f"+- {res.overall.stderr:.4f} ({res.overall.num_problems} problems x {n})"
-                        )
-                        if budgets:
-                            summ = summariser or Summariser(eng, tok, True, system)
-                            rows, srecs = budget_sweep(
-                                problems[:scaling_limit],  # [:None]: every problem
-                                comps[:scaling_limit],
-                                tok,
-                                budgets,
-                                scorer,
-                                summ,
-                                summary_params=summary_params,
-                                checkpoint=label,
-                                progress=lambda m: log(f"[eval] {m}"),
-                            )
-                            scaling_sink.write(srecs)
-                            scaling_rows.extend(rows)
-                        del records, comps
-                finally:
-                    eng.close()
-        responses.commit()
-        if scaling_sink is not None:
-            scaling_sink.commit()
-    except BaseException:
-        responses.discard()
-        if scaling_sink is not None:
-            scaling_sink.discard()
-        raise
-    finally:
-        if summariser is not None:
-            summariser.engine.close()
-        if not keep_hf:
-            for d in exported:
-                shutil.rmtree(d, ignore_errors=True)
-            if (out / "hf").is_dir() and not any((out / "hf").iterdir()):
-                (out / "hf").rmdir()
-
-    rows = [r for res in results for r in result_rows(res)]
-    _write_atomic(out / "results.csv", _csv_text(rows, RESULT_COLUMNS))
+    engine_kw = dict(engine=engine, dtype=dtype, seed=seed, batch_sequences=batch_sequences, device=device)
+    load = functools.partial(
+        _loaded_checkpoint,
+        work_dir=out,
+        tokenizer=tokenizer,
+        keep_hf=keep_hf,
+        log=log,
+        max_new_tokens=max_new_tokens,
+        **engine_kw,
+    )
+    load_summariser = None
+    if summariser_dir is not None:
+        load_summariser = functools.partial(
+            _load_summariser, summariser_dir, system=system, max_new_tokens=summary_max_tokens, **engine_kw
+        )
+    with RewardScorer(rcfg) as scorer:
+        scaling_cm = contextlib.nullcontext()
+        if budgets:
+            scaling_cm = scaling_phase(
+                out,
+                budgets,
+                scorer,
+                summary_params=SamplingParams(temperature=0.0, max_tokens=summary_max_tokens, seed=seed),
+                scaling_limit=scaling_limit,
+                load_summariser=load_summariser,
+                system=system,
+                log=log,
+            )
+        with scaling_cm as scaling:
+            results = benchmark_phase(
+                checkpoints,
+                benchmarks,
+                out,
+                scorer,
+                load=load,
+                n=n,
+                params=params,
+                system=system,
+                on_samples=scaling.sweep if scaling is not None else None,
+                log=log,
+            )
+    scaling_rows = scaling.rows if scaling is not None else []
     summary = {
         "checkpoints": list(checkpoints),
         "settings": {
@@ -456,18 +396,12 @@ def run_eval(
         "scaling": _json_safe(scaling_rows),
         "files": {"responses": "responses.jsonl", "results_csv": "results.csv"},
     }
-    log("\n" + format_table(rows, RESULT_COLUMNS))
     if scaling_rows:
-        from megatron_t1.eval.plot import plot_scaling
-
-        _write_atomic(out / "scaling.csv", _csv_text(scaling_rows, SCALING_COLUMNS))
-        plot_scaling(scaling_rows, out / "scaling.png")
         summary["files"].update(
             scaling_csv="scaling.csv", scaling_png="scaling.png", scaling_responses="scaling_responses.jsonl"
         )
-        log("\n" + format_table(scaling_rows, SCALING_COLUMNS))
     summary["wall_seconds"] = time.perf_counter() - t0
-    _write_atomic(out / "results.json", json.dumps(summary, indent=2) + "\n")
+    write_text_atomic(out / "results.json", json.dumps(summary, indent=2) + "\n", newline="")
     log(
         f"\n[eval] wrote {out}/results.json, results.csv, responses.jsonl"
         + (", scaling.csv, scaling.png" if scaling_rows else "")

@@ -14,11 +14,12 @@ import json
 import math
 import os
 import struct
-import tempfile
 import zlib
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
+
+from megatron_t1.atomic import atomic_path
 
 __all__ = ["SERIES_KEY", "plot_scaling", "read_png_text", "series_from_rows"]
 
@@ -103,19 +104,9 @@ def plot_scaling(rows: Sequence[dict], path: str | os.PathLike, *, title: str | 
             ax.set_visible(False)
         fig.suptitle(title or "Inference scaling: accuracy vs thinking budget")
         fig.tight_layout()
-        out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".png", dir=out.parent)
-        os.close(fd)
-        try:
-            meta = {SERIES_KEY: json.dumps(_nan_to_none(drawn), sort_keys=True)}
+        meta = {SERIES_KEY: json.dumps(_nan_to_none(drawn), sort_keys=True)}
+        with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=100, metadata=meta)
-            os.chmod(tmp, 0o644)  # mkstemp creates 0600
-            os.replace(tmp, out)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
     finally:
         plt.close(fig)
     return drawn

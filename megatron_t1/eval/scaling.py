@@ -34,7 +34,8 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from megatron_t1.data.synthetic import THINK_CLOSE, close_thinking, prompt_messages
+from megatron_t1.data.synthetic import THINK_CLOSE, close_thinking
+from megatron_t1.data.template import prompt_messages
 from megatron_t1.eval.benchmark import score_records, summarise
 from megatron_t1.eval.loaders import EvalProblem
 
@@ -135,9 +136,8 @@ def summary_prompt(
     if summariser.same_tokenizer:
         ids = list(prompt_ids) + list(thinking_ids) + close_ids
     else:
-        head = tok.apply_chat_template(
-            prompt_messages(problem.question, summariser.system), tokenize=False, add_generation_prompt=True
-        )
+        msgs = prompt_messages(problem.question, system=summariser.system)
+        head = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
         ids = (
             tok(head, add_special_tokens=False)["input_ids"]
             + tok(partial, add_special_tokens=False)["input_ids"]

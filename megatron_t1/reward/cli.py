@@ -15,15 +15,14 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
-import tempfile
 import time
 import typing
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
+from megatron_t1.atomic import atomic_file
 from megatron_t1.reward.config import RewardConfig
 from megatron_t1.reward.scorer import RewardScorer
 
@@ -182,20 +181,13 @@ def run(args: argparse.Namespace, config: RewardConfig | None = None) -> int:
     if not src.is_file():
         print(f"score: input not found: {src}", file=sys.stderr)
         return 2
-    dst.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
-    fd, tmp = tempfile.mkstemp(prefix=dst.name + ".", suffix=".tmp", dir=dst.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as out:
+        with atomic_file(dst) as out:  # a bad line propagates through it: dst untouched, temporary gone
             reasons = _score_file(args, cfg, out)
-        os.replace(tmp, dst)
     except InputError as e:
-        os.unlink(tmp)
         print(f"score: {e}", file=sys.stderr)
         return 2
-    except BaseException:
-        os.unlink(tmp)
-        raise
     total = reasons.pop("_total_reward")
     n = sum(reasons.values())
     summary = ", ".join(f"{k} {v}" for k, v in reasons.most_common())

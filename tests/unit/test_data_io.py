@@ -122,3 +122,19 @@ def test_make_synthetic_help_has_an_example():
     with pytest.raises(SystemExit):
         tool.parse_args(["--help"])
     assert "python tools/make_synthetic.py --out" in tool.__doc__
+
+
+def test_streaming_jsonl_writer_appears_complete_or_not_at_all(tmp_path):
+    from megatron_t1.data.io import open_jsonl_atomic
+
+    path = tmp_path / "r.jsonl"
+    with open_jsonl_atomic(path) as out:
+        out.write([{"a": 1}])
+        out.write([{"a": "é"}, {"a": 3}])
+        assert not path.exists() and out.count == 3
+    assert path.read_text(encoding="utf-8") == '{"a": 1}\n{"a": "é"}\n{"a": 3}\n'
+    assert path.stat().st_mode & 0o777 == 0o644
+    with pytest.raises(RuntimeError), open_jsonl_atomic(path) as out:
+        out.write([{"b": 1}])
+        raise RuntimeError("stop")
+    assert [p.name for p in tmp_path.iterdir()] == ["r.jsonl"] and path.read_text().count("\n") == 3

@@ -344,3 +344,27 @@ def test_nan_stderr_is_null_in_json(tok, hf_dirs, tmp_path, monkeypatch):
     res = json.loads((tmp_path / "r" / "results.json").read_text())["benchmarks"][0]
     assert res["overall"]["stderr"] is None and math.isclose(res["overall"]["accuracy"], 0.5)
     assert not (tmp_path / "r" / "scaling.csv").exists()
+
+
+def test_a_failing_run_leaves_the_old_files_and_no_temporaries(tok, hf_dirs, tmp_path, monkeypatch):
+    from megatron_t1.convert.offline import hf_to_mcore
+
+    class DiesInTheSweep(ScriptedEngine):
+        def generate(self, prompts, n, params):
+            if "</think>" in self.tok.decode(prompts[0]):  # a summarising pass
+                raise RuntimeError("engine died")
+            return super().generate(prompts, n, params)
+
+    monkeypatch.setattr(cli, "_load_engine", lambda hf_dir, **kw: DiesInTheSweep(tok, _golds(), 0))
+    ck = tmp_path / "ck"
+    hf_to_mcore(hf_dirs[0], ck, progress=False)  # exported to OUT/hf/LABEL on the fly
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "responses.jsonl").write_text("from an earlier run\n")
+    args = ["--checkpoint", f"m={ck}", "--benchmarks", "math500", "--data-dir", str(FIX), "--n", "2"]
+    args += ["--max-new-tokens", "64", "--budgets", "8,64", "--summary-max-tokens", "12"]
+    with pytest.raises(RuntimeError, match="engine died"):
+        cli.main(args + ["--num-workers", "0", "--out", str(out)])
+    # the responses of the benchmark were generated (and streamed to a temporary), then discarded
+    assert sorted(p.name for p in out.iterdir()) == ["responses.jsonl"]
+    assert (out / "responses.jsonl").read_text() == "from an earlier run\n"

@@ -132,7 +132,8 @@ def test_pack_step_is_the_plan_and_collate_of_each_mini_batch():
         )  # fmt: skip
         assert len(mbs) == len(want)
         for a, b in zip(mbs, want):
-            assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a if key != "max_seqlen")
+            assert a.keys() == b.keys()
+            assert all(torch.equal(a[key], b[key]) for key in a if key != "max_seqlen")
     seen = {int(d) for mb in step.all_microbatches() for d in mb["doc_ids"].unique() if d >= 0}
     assert seen <= set(range(8))
     stats = step.plan_stats()
