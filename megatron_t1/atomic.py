@@ -37,25 +37,16 @@ def atomic_file(path: str | os.PathLike, mode: str = "w", *, encoding: str | Non
     """
     if mode not in ("w", "wb"):
         raise ValueError(f"atomic_file: mode must be 'w' or 'wb', got {mode!r}")
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
-    try:
-        kw = {} if mode == "wb" else {"encoding": encoding, "newline": newline}
-        with os.fdopen(fd, mode, **kw) as f:
-            yield f
-        os.chmod(tmp, FILE_MODE)
-        os.replace(tmp, p)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    kw = {} if mode == "wb" else {"encoding": encoding, "newline": newline}
+    with atomic_path(path) as tmp, open(tmp, mode, **kw) as f:
+        yield f
 
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary sibling path (not yet created, same suffix) for writers that take a file name
-    (``savefig``, ``torch.save``); it replaces ``path`` when the block ends."""
+    """A temporary sibling path (an empty file, same suffix) for writers that take a file name
+    (``savefig``, ``torch.save``); it replaces ``path`` when the block ends, or is deleted on an
+    exception."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{p.stem}.", suffix=f".tmp{p.suffix}", dir=p.parent)

@@ -47,6 +47,19 @@ class RunLogger:
 
             self._bar = tqdm(total=total_steps, initial=start_step, desc=desc, dynamic_ncols=True)
 
+    @classmethod
+    def for_run(cls, cfg, *, enabled: bool, start_step: int, desc: str) -> RunLogger:
+        """The logger of a training run: ``cfg.run.run_dir``, ``cfg.run.train_steps`` and ``cfg.log``."""
+        return cls(
+            cfg.run.run_dir,
+            enabled=enabled,
+            total_steps=cfg.run.train_steps,
+            start_step=start_step,
+            tensorboard=cfg.log.tensorboard,
+            progress_bar=cfg.log.progress_bar,
+            desc=desc,
+        )
+
     def step(self, step: int, scalars: dict[str, float], *, tokens: int = 0, advance: bool = True) -> None:
         """Record one step's scalars (``step`` counts from 1; ``advance=False`` for a record that is not
         a training step, e.g. the evaluation of the initial policy at step 0)."""

@@ -156,15 +156,7 @@ def setup(cfg: Config) -> RLRun:
     scorer = RewardScorer(cfg.reward) if ctx.rank == 0 else None
     sync = WeightSync(cfg)
     rollout.sync(sync, chunks)
-    logger = RunLogger(
-        run_dir,
-        enabled=ctx.is_logging_rank,
-        total_steps=cfg.run.train_steps,
-        start_step=start,
-        tensorboard=cfg.log.tensorboard,
-        progress_bar=cfg.log.progress_bar,
-        desc="rl",
-    )
+    logger = RunLogger.for_run(cfg, enabled=ctx.is_logging_rank, start_step=start, desc="rl")
     run = RLRun(
         cfg, ctx, tok, pad, prompts, heldout, chunks, optimizer, scheduler, anchor, rollout, scorer, sync,
         logger, layout, schedule_shape(layout, cfg.data.seq_length, cfg.data.micro_batch_size), start,

@@ -92,15 +92,7 @@ def run_sft(cfg: Config) -> dict:
     elif cfg.checkpoint.init_from:
         load_checkpoint(resolve_init_from(cfg.checkpoint.init_from), cfg, chunks, weights_only=True)
 
-    logger = RunLogger(
-        run_dir,
-        enabled=ctx.is_logging_rank,
-        total_steps=cfg.run.train_steps,
-        start_step=start,
-        tensorboard=cfg.log.tensorboard,
-        progress_bar=cfg.log.progress_bar,
-        desc="sft",
-    )
+    logger = RunLogger.for_run(cfg, enabled=ctx.is_logging_rank, start_step=start, desc="sft")
     n_params = sum(p.numel() for c in chunks for p in c.parameters())
     logger.info(
         f"sft: {len(examples)} conversations -> {len(rows)} packed rows of {seq} tokens; "
