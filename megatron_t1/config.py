@@ -60,12 +60,12 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """Architecture of the GPT-style policy (Qwen2 / Llama / GLM-4 layouts)."""
+    """Architecture of the GPT-style policy (Qwen2 / Qwen3 / Llama / GLM-4 layouts)."""
 
     hf_config: str | None = None
     """Path to an HF ``config.json`` (or a folder holding one). When set, the architecture fields
     below are read from it (see :func:`model_config_from_hf`); keys also given in YAML must agree."""
-    arch: Literal["qwen2", "llama", "glm"] = "qwen2"
+    arch: Literal["qwen2", "qwen3", "llama", "glm"] = "qwen2"
     """Family of the layout (decides HF tensor names and GLM's partial rotary / no-bias defaults)."""
     num_layers: int = 2
     """Number of transformer blocks."""
@@ -94,9 +94,13 @@ class ModelConfig:
     normalization: Literal["RMSNorm", "LayerNorm"] = "RMSNorm"
     """Normalisation layer."""
     add_qkv_bias: bool = True
-    """Bias on the QKV projection (Qwen2: yes; Llama: no; GLM-4: yes)."""
+    """Bias on the QKV projection (Qwen2: yes; Qwen3: no; Llama: no; GLM-4: yes)."""
     add_bias_linear: bool = False
     """Bias on the other linear layers."""
+    qk_layernorm: bool = False
+    """Normalise each query and key head (over its ``kv_channels`` entries, before RoPE) with the
+    layer's norm kind and ``norm_epsilon``; one weight of ``kv_channels`` per layer for q and one for
+    k, shared by all heads and replicated over TP (Qwen3: yes; Qwen2, Llama, GLM-4: no)."""
     swiglu: bool = True
     """Gated SiLU MLP (fc1 holds gate and up)."""
     tie_word_embeddings: bool = True
@@ -542,6 +546,7 @@ class Config:
 
 _HF_ARCH = {
     "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
     "LlamaForCausalLM": "llama",
     "GlmForCausalLM": "glm",
 }
@@ -550,8 +555,9 @@ _HF_ARCH = {
 def model_config_from_hf(path: str | os.PathLike) -> dict[str, Any]:
     """Read an HF ``config.json`` (file or folder) into :class:`ModelConfig` field values.
 
-    Supports Qwen2/Qwen2.5 (QKV bias), Llama (no bias, optional tied embeddings) and GLM-4 in its
-    transformers form ``GlmForCausalLM`` (QKV bias, partial rotary ``partial_rotary_factor``).
+    Supports Qwen2/Qwen2.5 (QKV bias), Qwen3 dense (no bias, per-head q/k RMSNorm, explicit
+    ``head_dim``), Llama (no bias, optional tied embeddings) and GLM-4 in its transformers form
+    ``GlmForCausalLM`` (QKV bias, partial rotary ``partial_rotary_factor``).
     """
     p = Path(path)
     if p.is_dir():
@@ -573,7 +579,8 @@ def model_config_from_hf(path: str | os.PathLike) -> dict[str, Any]:
             f"{p}: RoPE scaling {rope_type!r} is not supported yet (it would give a wrong model)"
         )
     heads = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // heads
+    # transformers' Qwen3Config defaults head_dim to 128, the others to hidden / heads.
+    head_dim = hf.get("head_dim") or (128 if arch == "qwen3" else hf["hidden_size"] // heads)
     out: dict[str, Any] = {
         "arch": arch,
         "num_layers": hf["num_hidden_layers"],
@@ -593,6 +600,14 @@ def model_config_from_hf(path: str | os.PathLike) -> dict[str, Any]:
     }
     if arch == "qwen2":
         out["add_qkv_bias"] = True
+    elif arch == "qwen3":
+        if hf.get("attention_bias", False):
+            # Qwen3's attention_bias also covers o_proj, and its MLP has no bias: no Megatron layout.
+            raise ConfigError(f"{p}: Qwen3 with attention_bias=true has no Megatron layout")
+        if hf.get("use_sliding_window", False):
+            raise ConfigError(f"{p}: Qwen3 sliding-window attention is not supported (it would be wrong)")
+        out["add_qkv_bias"] = False
+        out["qk_layernorm"] = True
     elif arch == "llama":
         attn_bias, mlp_bias = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
         if attn_bias != mlp_bias:

@@ -1,6 +1,6 @@
 """Per-tensor maps between HF (transformers) and Megatron-Core parameter names and layouts.
 
-Pure torch: no megatron import. Every architecture module (qwen2, llama, glm) describes its HF names
+Pure torch: no megatron import. Every architecture module (qwen2, qwen3, llama, glm) describes its HF names
 with :class:`HFNames`; :func:`decoder_maps` turns them and a :class:`~megatron_t1.config.ModelConfig`
 into the list of :class:`TensorMap` s, one per *full* Megatron tensor (TP-merged, global layer
 index, the names of a TP=1 ``GPTModel`` built with the local spec), and :func:`from_hf` /
@@ -55,6 +55,7 @@ class Dims:
     qkv_bias: bool
     linear_bias: bool
     tied: bool
+    qk_layernorm: bool
 
     @classmethod
     def of(cls, mc: Any, *, tp: int = 1) -> Dims:
@@ -79,6 +80,7 @@ class Dims:
             qkv_bias=mc.add_qkv_bias,
             linear_bias=mc.add_bias_linear,
             tied=mc.tie_word_embeddings,
+            qk_layernorm=mc.qk_layernorm,
         )
 
     @property
@@ -120,6 +122,10 @@ class HFNames:
     k: str = "self_attn.k_proj"
     v: str = "self_attn.v_proj"
     o: str = "self_attn.o_proj"
+    q_norm: str | None = None
+    """Per-head query norm weight ``[head_dim]`` (Qwen3: ``self_attn.q_norm.weight``); None: none."""
+    k_norm: str | None = None
+    """Per-head key norm weight ``[head_dim]``, as ``q_norm``."""
     gate_up: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")
     """Two names (separate gate and up) or one (a fused ``[gate; up]`` tensor, GLM)."""
     down: str = "mlp.down_proj"
@@ -257,6 +263,15 @@ def decoder_maps(n: HFNames, d: Dims) -> list[TensorMap]:
                     "column",
                 )
             )
+        if d.qk_layernorm:
+            if n.q_norm is None or n.k_norm is None:
+                raise ConvertError("model.qk_layernorm=true, but this architecture has no q/k norm in HF")
+            layer += [
+                TensorMap(
+                    p + f"self_attention.{m}_layernorm.weight", (hp + h,), "copy", (d.head_dim,), "replicated"
+                )
+                for m, h in (("q", n.q_norm), ("k", n.k_norm))
+            ]
         o_in = d.heads * d.head_dim
         layer.append(
             TensorMap(

@@ -56,6 +56,7 @@ _COMPARED_FIELDS = (
     "vocab_size",
     "add_qkv_bias",
     "add_bias_linear",
+    "qk_layernorm",
     "tie_word_embeddings",
 )
 

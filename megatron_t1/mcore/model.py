@@ -10,6 +10,13 @@ RMSNorm / LayerNorm, as Megatron's ``WrappedTorchNorm``, which refuses SP): unde
 normalises its own slice of the sequence, so the norm weights are marked ``sequence_parallel`` and
 ``finalize_model_grads`` sums their gradients over the TP group, as TE's and apex's norms are.
 
+The q/k norms of ``model.qk_layernorm`` (Qwen3) are :class:`TorchNorm` s of ``kv_channels`` too. They
+act on the heads after ``linear_qkv``, i.e. on the full sequence of this rank's heads, so SP is no
+reason to reduce them; but each TP rank sees only its own heads, so their gradients are partial sums
+all the same: ``finalize_model_grads`` sums every parameter named ``q_layernorm`` / ``k_layernorm``
+over TP when ``TransformerConfig.qk_layernorm`` is set (one sum, also when SP marks them: it is one
+``elif`` with an ``or``), as it does for TE's q/k ``TENorm``, which are marked like ours.
+
 Packed micro-batches come in two layouts (:mod:`megatron_t1.data.packing`); which core attention
 honours which is :func:`check_packed_layout`'s table, checked when the model is built and for every
 batch (:func:`megatron_t1.mcore.forward.model_forward`).
@@ -61,6 +68,7 @@ def transformer_config(cfg: Config) -> TransformerConfig:
         normalization=m.normalization,
         add_bias_linear=m.add_bias_linear,
         add_qkv_bias=m.add_qkv_bias,
+        qk_layernorm=m.qk_layernorm,
         gated_linear_unit=m.swiglu,
         activation_func=F.silu if m.swiglu else F.gelu,
         # GLM-4 (transformers' GlmForCausalLM) rotates interleaved pairs; Qwen2/Llama rotate halves.
@@ -161,11 +169,15 @@ def attention_kind(model: torch.nn.Module) -> str:
 
 def layer_spec(cfg: Config):
     """TE spec when TransformerEngine is usable, the local (pure Megatron) spec otherwise."""
+    qk = cfg.model.qk_layernorm
     if te_available():
-        return get_gpt_layer_with_transformer_engine_spec()
-    spec = get_gpt_layer_local_spec(normalization=cfg.model.normalization)
+        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk)
+    spec = get_gpt_layer_local_spec(normalization=cfg.model.normalization, qk_layernorm=qk)
     spec.submodules.input_layernorm = TorchNorm
     spec.submodules.pre_mlp_layernorm = TorchNorm
+    if qk:  # Megatron's local choice, WrappedTorchNorm, refuses sequence parallelism
+        spec.submodules.self_attention.submodules.q_layernorm = TorchNorm
+        spec.submodules.self_attention.submodules.k_layernorm = TorchNorm
     if cfg.model.core_attention == "sdpa":
         from megatron_t1.mcore.sdpa_attention import SDPAttention
 

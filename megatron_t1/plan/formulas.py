@@ -89,6 +89,8 @@ class PlanInputs:
     linear_bias: bool = False
     layernorm: bool = False
     """LayerNorm (weight + bias) instead of RMSNorm (weight)."""
+    qk_layernorm: bool = False
+    """Per-head q and k norms (Qwen3): two more norms of ``head_dim`` per layer, replicated over TP."""
     tied: bool = False
     # training layout
     precision: Literal["bf16", "fp32"] = "bf16"
@@ -191,7 +193,8 @@ def inputs_from_config(
         groups=m.query_groups, head_dim=m.kv_channels or m.hidden_size // m.num_attention_heads,
         vocab=m.vocab_size, vocab_multiple=m.make_vocab_size_divisible_by, swiglu=m.swiglu,
         qkv_bias=m.add_qkv_bias or m.add_bias_linear, linear_bias=m.add_bias_linear,
-        layernorm=m.normalization == "LayerNorm", tied=m.tie_word_embeddings, precision=m.precision,
+        layernorm=m.normalization == "LayerNorm", qk_layernorm=m.qk_layernorm,
+        tied=m.tie_word_embeddings, precision=m.precision,
         tp=p.tp, pp=p.pp, vpp=p.virtual_pipeline_model_parallel_size, sp=p.sequence_parallel,
         dist_opt=p.use_distributed_optimizer, micro_batch=d.micro_batch_size, seq_length=d.seq_length,
         global_batch=rows if mode == "rl" else d.global_batch_size, recompute=m.recompute,
@@ -239,8 +242,8 @@ def count_parameters(x: PlanInputs, *, padded: bool = True) -> ParamCount:
     """Exact parameter count of the GPT layout (vocabulary padded for ``x.tp`` unless ``padded=False``).
 
     Per layer: QKV h*(q + 2kv) (+ q + 2kv bias), projection q*h (+ h), fc1 h*f*(2 if SwiGLU)
-    (+ bias), fc2 f*h (+ h), two norms of h (2h each for LayerNorm), with q = heads * head_dim and
-    kv = groups * head_dim. An untied output layer adds V*h.
+    (+ bias), fc2 f*h (+ h), two norms of h (2h each for LayerNorm) and, with q/k norms, two of
+    head_dim, with q = heads * head_dim and kv = groups * head_dim. An untied output layer adds V*h.
     """
     h, f = x.hidden, x.ffn
     q, kv = x.heads * x.head_dim, x.groups * x.head_dim
@@ -250,6 +253,8 @@ def count_parameters(x: PlanInputs, *, padded: bool = True) -> ParamCount:
     if x.qkv_bias:
         sharded += q + 2 * kv
     replicated = 2 * norm
+    if x.qk_layernorm:
+        replicated += 2 * (2 if x.layernorm else 1) * x.head_dim
     if x.linear_bias:
         sharded += f * gate  # fc1 bias (column parallel)
         replicated += 2 * h  # projection and fc2 biases (row parallel: added after the reduce)

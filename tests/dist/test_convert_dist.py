@@ -1,7 +1,8 @@
 """Converted checkpoints in real Megatron-Core on 2 gloo ranks: logits equal transformers' at TP=2
-and PP=2 for Qwen2 (GQA, QKV bias), Llama (tied embeddings) and GLM (partial interleaved rotary);
-``load_hf_into_model`` agrees; a checkpoint that Megatron itself saved at TP=2 exports back to the
-original HF tensors bit for bit.
+and PP=2 for Qwen2 (GQA, QKV bias), Llama (tied embeddings), GLM (partial interleaved rotary) and
+Qwen3 (per-head q/k norms, head_dim != hidden / heads); ``load_hf_into_model`` agrees; a checkpoint
+that Megatron itself saved at TP=2 exports back to the original HF tensors bit for bit. Negative
+controls: QKV concatenated instead of grouped (Qwen2), q_norm and k_norm swapped (Qwen3).
 
 Everything runs in ONE spawn of 2 ranks (process start and ``import megatron.core`` cost ~7 s); the
 ranks re-initialise Megatron's groups for each layout.
@@ -22,16 +23,36 @@ LAYOUTS = ((2, 1), (1, 2))
 TOKENS = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
 
 
+def _negative_controls() -> dict:
+    """``(arch, name) -> (module, attribute, wrong value)``: bugs that the TP=2 logits must show.
+    QKV concatenated instead of grouped (the classic bug); q_norm and k_norm swapped (a round trip
+    cannot see that one: the swap is its own inverse)."""
+    import dataclasses
+
+    import megatron_t1.convert.maps as maps
+    import megatron_t1.convert.registry as registry
+
+    swap = dict(q_norm="self_attn.k_norm.weight", k_norm="self_attn.q_norm.weight")
+    specs = tuple(
+        dataclasses.replace(s, names=dataclasses.replace(s.names, **swap)) if s.name == "qwen3" else s
+        for s in registry.SPECS
+    )
+    return {
+        ("qwen2", "wrong_qkv"): (maps, "merge_qkv", lambda q, k, v, **_: torch.cat([q, k, v])),
+        ("qwen3", "swapped_qk_norm"): (registry, "SPECS", specs),
+    }
+
+
 def _ranks(rank: int, world: int, cases: dict, save_root: str) -> dict:
     import megatron.core.parallel_state as ps
 
-    import megatron_t1.convert.maps as maps
     from megatron_t1.mcore.checkpoint import load_checkpoint, save_checkpoint
     from megatron_t1.mcore.convert_io import load_hf_into_model, megatron_logits, verify_config
     from megatron_t1.mcore.model import build_model
     from megatron_t1.mcore.parallel import destroy_parallel, init_parallel
 
     out: dict = {}
+    controls = _negative_controls()
     try:
         for arch, (hf_dir, ckpt, ref) in cases.items():
             for tp, pp in LAYOUTS:
@@ -46,17 +67,17 @@ def _ranks(rank: int, world: int, cases: dict, save_root: str) -> dict:
                 chunks = build_model(cfg, wrap_ddp=False)
                 load_hf_into_model(chunks, hf_dir, cfg)
                 from_hf = megatron_logits(chunks, TOKENS, cfg)
-                if arch == "qwen2" and tp == 2:
-                    # Negative control: the classic bug (QKV concatenated, not grouped) must show.
-                    good = maps.merge_qkv
-                    maps.merge_qkv = lambda q, k, v, **_: torch.cat([q, k, v])
-                    try:
-                        load_hf_into_model(chunks, hf_dir, cfg)
-                        wrong = megatron_logits(chunks, TOKENS, cfg)
-                    finally:
-                        maps.merge_qkv = good
-                    if reports:
-                        out[(arch, "wrong_qkv")] = (wrong - ref).abs().max().item()
+                for (bad_arch, what), (module, attr, wrong) in controls.items():
+                    if arch == bad_arch and tp == 2:
+                        good = getattr(module, attr)
+                        setattr(module, attr, wrong)
+                        try:
+                            load_hf_into_model(chunks, hf_dir, cfg)
+                            bad = megatron_logits(chunks, TOKENS, cfg)
+                        finally:
+                            setattr(module, attr, good)
+                        if reports:
+                            out[(arch, what)] = (bad - ref).abs().max().item()
                 if reports:
                     out[(arch, tp, pp, "ckpt")] = (from_ckpt - ref).abs().max().item()
                     out[(arch, tp, pp, "hf")] = (from_hf - ref).abs().max().item()
@@ -92,8 +113,9 @@ def test_converted_checkpoints_match_transformers_at_tp2_and_pp2(tmp_path):
             assert result[(arch, tp, pp, "ckpt")] <= TOL, (arch, tp, pp, result)
             assert result[(arch, tp, pp, "hf")] <= TOL, (arch, tp, pp, result)
             assert result[(arch, tp, pp, "top1")] == 1.0
-    assert len(result) == 3 * len(ARCHS) * len(LAYOUTS) + 1
+    assert len(result) == 3 * len(ARCHS) * len(LAYOUTS) + 2
     assert result[("qwen2", "wrong_qkv")] > 1e-2
+    assert result[("qwen3", "swapped_qk_norm")] > 1e-2
 
     # A checkpoint written by Megatron's dist_checkpointing at TP=2 (gate/up and row-parallel
     # chunks per rank, vocabulary padded to 512) exports to exactly the original HF tensors.
@@ -102,15 +124,16 @@ def test_converted_checkpoints_match_transformers_at_tp2_and_pp2(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_verify_command_spawns_ranks_and_reports(tmp_path, capsys):
-    """``convert_ckpt.py verify`` end to end: it spawns its own rank (one here, to keep the suite
-    short; TP=2 and PP=2 logits are covered above with the same functions)."""
+@pytest.mark.parametrize("arch", ["glm", "qwen3"])
+def test_verify_command_spawns_ranks_and_reports(arch, tmp_path, capsys):
+    """``convert_ckpt.py verify`` end to end: it spawns its own rank (one here, TP=1, to keep the
+    suite short; TP=2 and PP=2 logits are covered above with the same functions)."""
     import importlib.util
     from pathlib import Path
 
     from megatron_t1.convert.offline import hf_to_mcore
 
-    hf_dir = make_hf_dir("glm", tmp_path / "glm")
+    hf_dir = make_hf_dir(arch, tmp_path / arch)
     ckpt = hf_to_mcore(hf_dir, tmp_path / "mcore", tp=2, progress=False)  # padded for TP=2, loaded at 1
     spec = importlib.util.spec_from_file_location(
         "convert_ckpt", Path(__file__).parents[2] / "tools/convert_ckpt.py"

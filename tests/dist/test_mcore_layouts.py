@@ -1,6 +1,9 @@
 """Megatron-Core on 2 real gloo ranks: TP=2, PP=2 and DP=2 agree with each other and with a plain
 float64 reference; checkpoints move between layouts; DP replicas stay identical.
 
+The model has Qwen3's per-head q/k norms and a head_dim (32) that is not hidden / heads (16): each TP
+rank sees only its own heads, so the q/k-norm gradients must be summed over TP to train as DP does.
+
 All layouts run inside ONE spawn (process start and `import megatron.core` cost ~7 s): the ranks
 re-initialise Megatron's parallel groups for each layout and pass weights through checkpoints.
 """
@@ -30,6 +33,8 @@ def _cfg(tp: int, pp: int, tmp: str):
                 "ffn_hidden_size": 128,
                 "num_attention_heads": 4,
                 "num_query_groups": 2,
+                "kv_channels": 32,
+                "qk_layernorm": True,
                 "vocab_size": VOCAB,
                 "max_position_embeddings": 64,
                 "tie_word_embeddings": True,
@@ -127,6 +132,7 @@ def _reference_loss_and_grad(chunks, rows):
 
 
 def _steps(cfg, chunks, ctx, rows, n):
+    import torch
 
     from megatron_t1.mcore.forward import sft_forward_step
     from megatron_t1.mcore.model import unwrap
@@ -138,10 +144,15 @@ def _steps(cfg, chunks, ctx, rows, n):
     out = []
     for _ in range(n):
         res = train_step(chunks, opt, sched, sft_forward_step, mine, seq_length=SEQ, micro_batch_size=1)
-        grad = None
+        grad = qk_grad = None
         if ctx.is_last_pp_stage:
             grad = unwrap(chunks[-1]).decoder.final_layernorm.weight.main_grad.detach().clone()
-        out.append((res.loss, res.grad_norm, res.tokens, grad))
+        if ctx.pp == 1:  # layer 0's q/k-norm gradients (after finalize_model_grads' TP sum)
+            attn = unwrap(chunks[0]).decoder.layers[0].self_attention
+            qk_grad = torch.cat(
+                [attn.q_layernorm.weight.main_grad, attn.k_layernorm.weight.main_grad]
+            ).clone()
+        out.append((res.loss, res.grad_norm, res.tokens, grad, qk_grad))
     return out, opt, sched
 
 
@@ -229,7 +240,7 @@ def test_token_mean_over_global_batch_matches_float64_reference(results):
     assert abs(r0["ref_loss"] - r0["mean_of_means"]) > 1e-3
     # ... and every layout's first-step loss is the global token mean, not a mean of means.
     for layout in ("dp2", "tp2", "pp2"):
-        loss, _, tokens, _ = r0[layout][0]
+        loss, _, tokens, _, _ = r0[layout][0]
         assert tokens == sum(MASK_LENS)
         assert loss == pytest.approx(r0["ref_loss"], rel=1e-5), layout
     # DP=2 gradients (uneven tokens per rank) equal the single-process float64 gradient.
@@ -243,13 +254,16 @@ def test_layouts_train_identically(results):
 
     for r in results:
         for step in range(2):
-            base_loss, base_norm, _, base_grad = r["dp2"][step]
+            base_loss, base_norm, _, base_grad, base_qk = r["dp2"][step]
             for layout in ("tp2", "pp2"):
-                loss, norm, _, grad = r[layout][step]
+                loss, norm, _, grad, qk = r[layout][step]
                 assert loss == pytest.approx(base_loss, rel=1e-5), (layout, step)
                 assert norm == pytest.approx(base_norm, rel=1e-4), (layout, step)
                 if grad is not None:
                     assert torch.allclose(grad, base_grad, atol=1e-6, rtol=1e-4), (layout, step)
+                if qk is not None:
+                    assert base_qk.abs().max() > 1e-4  # a real gradient to compare
+                    assert torch.allclose(qk, base_qk, atol=1e-6, rtol=1e-4), (layout, step)
 
 
 def test_dp_replicas_identical(results):

@@ -183,6 +183,23 @@ def test_model_from_hf_glm_partial_rotary(tmp_path):
     assert m["arch"] == "glm" and m["rotary_percent"] == 0.5 and m["num_query_groups"] == 2
 
 
+def test_model_from_hf_qwen3(tmp_path):
+    """Qwen3-8B's shape: q/k norms, no bias, head_dim 128 explicit (here also = hidden / heads)."""
+    qwen3 = dict(architectures=["Qwen3ForCausalLM"], hidden_size=4096, num_attention_heads=32, head_dim=128)
+    m = model_config_from_hf(_hf(tmp_path, **qwen3, attention_bias=False, use_sliding_window=False))
+    assert m["arch"] == "qwen3" and m["qk_layernorm"] is True and m["add_qkv_bias"] is False
+    assert m["kv_channels"] is None and not m.get("add_bias_linear", False)
+    # Qwen3-0.6B: 16 heads of 128 on a width of 1024; without head_dim, transformers' default is 128
+    m = model_config_from_hf(_hf(tmp_path, **(qwen3 | {"hidden_size": 1024, "num_attention_heads": 16})))
+    assert m["kv_channels"] == 128
+    del qwen3["head_dim"]
+    assert model_config_from_hf(_hf(tmp_path, **(qwen3 | {"hidden_size": 1024})))["kv_channels"] == 128
+    with pytest.raises(ConfigError, match="attention_bias=true"):
+        model_config_from_hf(_hf(tmp_path, **qwen3, attention_bias=True))
+    with pytest.raises(ConfigError, match="sliding-window"):
+        model_config_from_hf(_hf(tmp_path, **qwen3, use_sliding_window=True))
+
+
 def test_hf_config_in_yaml_and_conflicts(tmp_path):
     d = _hf(tmp_path)
     p = _write(tmp_path, f"model:\n  hf_config: {d}\n")

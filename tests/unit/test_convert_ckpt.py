@@ -21,14 +21,16 @@ from megatron_t1.convert.offline import hf_to_mcore, mcore_to_hf
 from megatron_t1.convert.torch_dist import FORMAT, METADATA_FILE, MODEL_PREFIX, TorchDistReader
 
 VOCAB = 300  # padded to 384 at TP=1 and 512 at TP=2: vocabulary padding is always exercised
-ARCHS = ("qwen2", "llama", "glm")
+ARCHS = ("qwen2", "llama", "glm", "qwen3")
+TIED = ("llama", "qwen3")
 
 
 def build_hf_model(arch: str, seed: int = 0):
     """A tiny transformers model of ``arch`` with randomised weights (float32, eval mode).
 
     qwen2: GQA (4 query / 2 key-value heads), QKV bias, untied head; llama: GQA, no bias, tied
-    embeddings; glm: GlmForCausalLM, partial interleaved rotary, fused gate_up, QKV bias, untied.
+    embeddings; glm: GlmForCausalLM, partial interleaved rotary, fused gate_up, QKV bias, untied;
+    qwen3: Qwen3ForCausalLM, per-head q/k RMSNorm, head_dim 32 != hidden / heads = 16, no bias, tied.
     """
     from transformers import (
         GlmConfig,
@@ -37,6 +39,8 @@ def build_hf_model(arch: str, seed: int = 0):
         LlamaForCausalLM,
         Qwen2Config,
         Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
     )
 
     common = dict(
@@ -57,6 +61,8 @@ def build_hf_model(arch: str, seed: int = 0):
         model = Qwen2ForCausalLM(Qwen2Config(**common, tie_word_embeddings=False, rope_theta=1e6))
     elif arch == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common, tie_word_embeddings=True))
+    elif arch == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**common, head_dim=32, tie_word_embeddings=True, rope_theta=1e6))
     else:
         model = GlmForCausalLM(GlmConfig(**common, head_dim=16, tie_word_embeddings=False))
     g = torch.Generator().manual_seed(seed + 1)
@@ -120,7 +126,9 @@ def test_round_trip_is_bitwise_and_exports_a_complete_hf_folder(arch, hf_dirs, t
     shards = sorted(set(index["weight_map"].values()))
     assert len(shards) > 1 and all(s.endswith(f"-of-{len(shards):05d}.safetensors") for s in shards)
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["tie_word_embeddings"] == (arch == "llama") and ("lm_head.weight" in a) == (arch != "llama")
+    assert cfg["tie_word_embeddings"] == (arch in TIED) and ("lm_head.weight" in a) == (arch not in TIED)
+    if arch == "qwen3":
+        assert cfg["head_dim"] == 32 and "model.layers.1.self_attn.k_norm.weight" in a
     for f in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (out / f).is_file(), f
 

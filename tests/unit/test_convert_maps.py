@@ -38,7 +38,8 @@ def _mc(arch: str = "qwen2", **kw) -> ModelConfig:
         kv_channels=4,
         vocab_size=50,
         make_vocab_size_divisible_by=8,
-        add_qkv_bias=arch != "llama",
+        add_qkv_bias=arch not in ("llama", "qwen3"),
+        qk_layernorm=arch == "qwen3",
         tie_word_embeddings=arch == "llama",
         rotary_percent=0.5 if arch == "glm" else 1.0,
     )
@@ -62,7 +63,7 @@ def test_converters_never_import_megatron():
     code = (
         "import sys; sys.modules['megatron'] = None; sys.modules['vllm'] = None\n"
         "import megatron_t1.convert, megatron_t1.convert.offline, megatron_t1.convert.torch_dist\n"
-        "import megatron_t1.convert.hf_io, megatron_t1.convert.glm\n"
+        "import megatron_t1.convert.hf_io, megatron_t1.convert.glm, megatron_t1.convert.qwen3\n"
         "assert 'megatron.core' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
@@ -131,6 +132,7 @@ def test_tp_rules_by_name():
     assert tp_rule("decoder.layers.3.mlp.linear_fc1.weight") == "gated_column"
     assert tp_rule("decoder.layers.3.mlp.linear_fc1.weight", gated=False) == "column"
     assert tp_rule("decoder.layers.0.input_layernorm.weight") == "replicated"
+    assert tp_rule("decoder.layers.0.self_attention.q_layernorm.weight") == "replicated"
     assert tp_rule("embedding.word_embeddings.weight") == "vocab"
     with pytest.raises(M.ConvertError, match="no tensor-parallel rule"):
         tp_rule("decoder.layers.0.mystery.weight")
@@ -172,7 +174,7 @@ def _random_hf(spec, mc, d):
     return out
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama", "glm"])
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "glm", "qwen3"])
 @pytest.mark.parametrize("tp", [1, 4])
 def test_to_hf_from_hf_are_exact_inverses(arch, tp):
     spec, mc = spec_for_arch(arch), _mc(arch)
@@ -193,7 +195,7 @@ def test_to_hf_from_hf_are_exact_inverses(arch, tp):
         assert torch.equal(again, full)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "glm"])
+@pytest.mark.parametrize("arch", ["qwen2", "glm", "qwen3"])
 def test_row_plans_equal_the_tensor_path(arch):
     """The byte-copy fast path (row plans) must build exactly what from_hf / to_hf build."""
     spec, mc = spec_for_arch(arch), _mc(arch)
@@ -254,8 +256,11 @@ def test_streams_round_trip_in_any_order_and_report_missing():
 
 
 def test_registry_dispatch_and_unknown_architecture():
-    assert [s.hf_architecture for s in SPECS] == ["Qwen2ForCausalLM", "LlamaForCausalLM", "GlmForCausalLM"]
+    assert [s.hf_architecture for s in SPECS] == [
+        "Qwen2ForCausalLM", "LlamaForCausalLM", "GlmForCausalLM", "Qwen3ForCausalLM"
+    ]  # fmt: skip
     assert spec_for_hf_architectures(["GlmForCausalLM"]).name == "glm"
+    assert spec_for_hf_architectures(["Qwen3ForCausalLM"]).name == "qwen3"
     with pytest.raises(M.ConvertError, match=r"Glm4ForCausalLM.*supported.*Qwen2ForCausalLM"):
         spec_for_hf_architectures(["Glm4ForCausalLM"])
     with pytest.raises(M.ConvertError, match="unknown model.arch"):
@@ -283,6 +288,21 @@ def test_architecture_constraints():
         spec_for_arch("llama").tensor_maps(_mc("llama", add_qkv_bias=True))
     with pytest.raises(M.ConvertError, match="no bias outside QKV"):
         spec_for_arch("glm").tensor_maps(_mc("glm", add_bias_linear=True))
+    with pytest.raises(M.ConvertError, match="Qwen3ForCausalLM has q/k norms and no bias"):
+        spec_for_arch("qwen3").tensor_maps(_mc("qwen3", qk_layernorm=False))
+    with pytest.raises(M.ConvertError, match="Qwen3ForCausalLM has q/k norms and no bias"):
+        spec_for_arch("qwen3").tensor_maps(_mc("qwen3", add_qkv_bias=True))
+    with pytest.raises(M.ConvertError, match="no q/k norm in HF"):
+        spec_for_arch("qwen2").tensor_maps(_mc(qk_layernorm=True))
+    # Qwen3's q/k norms: one [head_dim] weight each per layer, replicated over TP
+    maps = spec_for_arch("qwen3").tensor_maps(_mc("qwen3"), tp=4)
+    norms = [tm for tm in maps if tm.mcore.endswith(("q_layernorm.weight", "k_layernorm.weight"))]
+    assert [(tm.mcore, tm.hf, tm.shape, tm.tp) for tm in norms if tm.layer == 1] == [
+        ("decoder.layers.1.self_attention.q_layernorm.weight", ("model.layers.1.self_attn.q_norm.weight",),
+         (4,), "replicated"),
+        ("decoder.layers.1.self_attention.k_layernorm.weight", ("model.layers.1.self_attn.k_norm.weight",),
+         (4,), "replicated"),
+    ]  # fmt: skip
     # Llama with both biases maps o_proj and MLP biases too
     names = {
         h
@@ -292,7 +312,7 @@ def test_architecture_constraints():
     assert {"model.layers.0.self_attn.o_proj.bias", "model.layers.1.mlp.up_proj.bias"} <= names
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama", "glm"])
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "glm", "qwen3"])
 @pytest.mark.parametrize("kv_channels", [None, 4])
 def test_hf_config_round_trips_through_model_config(arch, kv_channels, tmp_path):
     """ModelConfig -> the spec's config.json -> (transformers reads it) -> ModelConfig: the same model."""
@@ -314,7 +334,7 @@ def test_hf_config_round_trips_through_model_config(arch, kv_channels, tmp_path)
     for field in (
         "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
         "vocab_size", "add_qkv_bias", "add_bias_linear", "tie_word_embeddings", "rotary_percent",
-        "rope_theta", "norm_epsilon", "max_position_embeddings",
+        "rope_theta", "norm_epsilon", "max_position_embeddings", "qk_layernorm",
     ):  # fmt: skip
         assert getattr(got, field) == getattr(mc, field), field
     head_dim = kv_channels or mc.hidden_size // mc.num_attention_heads
