@@ -60,12 +60,12 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """Architecture of the GPT-style policy (Qwen2 / Qwen3 / Llama / GLM-4 layouts)."""
+    """Architecture of the GPT-style policy (Qwen2 / Qwen3 / Qwen3-MoE / Llama / GLM-4 layouts)."""
 
     hf_config: str | None = None
     """Path to an HF ``config.json`` (or a folder holding one). When set, the architecture fields
     below are read from it (see :func:`model_config_from_hf`); keys also given in YAML must agree."""
-    arch: Literal["qwen2", "qwen3", "llama", "glm"] = "qwen2"
+    arch: Literal["qwen2", "qwen3", "qwen3_moe", "llama", "glm"] = "qwen2"
     """Family of the layout (decides HF tensor names and GLM's partial rotary / no-bias defaults)."""
     num_layers: int = 2
     """Number of transformer blocks."""
@@ -103,6 +103,21 @@ class ModelConfig:
     k, shared by all heads and replicated over TP (Qwen3: yes; Qwen2, Llama, GLM-4: no)."""
     swiglu: bool = True
     """Gated SiLU MLP (fc1 holds gate and up)."""
+    num_experts: int | None = None
+    """Routed experts per layer (Megatron-Core's MoE layer in every layer, no shared expert); None:
+    a dense MLP of ``ffn_hidden_size`` (Qwen3-MoE: ``num_experts``, 128 in Qwen3-30B-A3B)."""
+    moe_router_topk: int = 2
+    """Experts each token is sent to (Qwen3-MoE: ``num_experts_per_tok``, 8). Only with num_experts."""
+    moe_ffn_hidden_size: int | None = None
+    """Inner width of each expert's gated MLP; None: ``ffn_hidden_size`` (Qwen3-MoE:
+    ``moe_intermediate_size``)."""
+    norm_topk_prob: bool = True
+    """Router weights: softmax over all experts, keep the top k, and with this set divide the k
+    weights by their sum (Qwen3-MoE's ``norm_topk_prob``; equal to Megatron's softmax over the top-k
+    logits); unset, the k softmax probabilities are used as they are."""
+    moe_aux_loss_coeff: float = 0.0
+    """Weight of Megatron's load-balancing auxiliary loss (Switch-style, per micro-batch) added to the
+    gradient; 0 turns it off (Qwen3-MoE's ``router_aux_loss_coef`` is 0.001, used when training)."""
     tie_word_embeddings: bool = True
     """Share the input embedding with the output layer."""
     init_method_std: float = 0.02
@@ -136,6 +151,23 @@ class ModelConfig:
             )
         if not 0.0 < self.rotary_percent <= 1.0:
             raise ConfigError(f"model.rotary_percent must be in (0, 1], got {self.rotary_percent}")
+        if self.num_experts is not None:
+            if self.num_experts < 2:
+                raise ConfigError(f"model.num_experts must be >= 2 (or null: dense), got {self.num_experts}")
+            if not 1 <= self.moe_router_topk <= self.num_experts:
+                raise ConfigError(
+                    f"model.moe_router_topk must be in [1, model.num_experts={self.num_experts}], "
+                    f"got {self.moe_router_topk}"
+                )
+            if self.moe_ffn_hidden_size is not None and self.moe_ffn_hidden_size <= 0:
+                raise ConfigError(f"model.moe_ffn_hidden_size must be > 0, got {self.moe_ffn_hidden_size}")
+        if self.moe_aux_loss_coeff < 0:
+            raise ConfigError(f"model.moe_aux_loss_coeff must be >= 0, got {self.moe_aux_loss_coeff}")
+
+    @property
+    def expert_ffn(self) -> int:
+        """Inner width of one expert (``moe_ffn_hidden_size``, else ``ffn_hidden_size``)."""
+        return self.moe_ffn_hidden_size or self.ffn_hidden_size
 
     @property
     def query_groups(self) -> int:
@@ -157,6 +189,12 @@ class ParallelConfig:
     """PP degree. Must divide the number of layers (times virtual stages)."""
     virtual_pipeline_model_parallel_size: int | None = None
     """Interleaved pipeline: model chunks per PP rank (None = not interleaved)."""
+    expert_model_parallel_size: int = 1
+    """EP degree: the experts of each MoE layer are split over EP ranks (``model.num_experts`` must be
+    divisible by it). As in Megatron-Core, EP ranks are taken from the data-parallel ranks (the expert
+    layers keep TP and PP, so EP must divide DP = world / (TP x PP)). EP > 1 is checked for forward
+    logits only (tests/dist/test_convert_dist.py); SFT and RL refuse it (not supported yet: the
+    optimizer's expert groups, checkpoints and weight sync are untested under EP)."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism (TP > 1, GPU with TransformerEngine only)."""
     use_distributed_optimizer: bool = False
@@ -169,7 +207,11 @@ class ParallelConfig:
     """Collective timeout; gloo hangs rather than fails, so keep it finite."""
 
     def __post_init__(self) -> None:
-        for name in ("tensor_model_parallel_size", "pipeline_model_parallel_size"):
+        for name in (
+            "tensor_model_parallel_size",
+            "pipeline_model_parallel_size",
+            "expert_model_parallel_size",
+        ):
             if getattr(self, name) < 1:
                 raise ConfigError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
         vpp = self.virtual_pipeline_model_parallel_size
@@ -188,15 +230,26 @@ class ParallelConfig:
     def pp(self) -> int:
         return self.pipeline_model_parallel_size
 
+    @property
+    def ep(self) -> int:
+        return self.expert_model_parallel_size
+
     def data_parallel_size(self, world_size: int) -> int:
-        """DP = world / (TP * PP); raises naming the sizes when that is not an integer."""
+        """DP = world / (TP * PP); raises naming the sizes when that is not an integer, or when EP does
+        not divide DP (Megatron's expert layout: world = TP x EP x expert-DP x PP)."""
         mp = self.tp * self.pp
         if world_size % mp:
             raise ConfigError(
                 f"world size {world_size} is not divisible by tensor_model_parallel_size x "
                 f"pipeline_model_parallel_size = {self.tp} x {self.pp} = {mp}"
             )
-        return world_size // mp
+        dp = world_size // mp
+        if dp % self.ep:
+            raise ConfigError(
+                f"data-parallel size {dp} (world {world_size} / TP x PP) is not divisible by "
+                f"parallel.expert_model_parallel_size ({self.ep})"
+            )
+        return dp
 
 
 @dataclass
@@ -492,6 +545,19 @@ class Config:
                 f"model.ffn_hidden_size ({m.ffn_hidden_size}) is not divisible by "
                 f"parallel.tensor_model_parallel_size ({tp})"
             )
+        if m.num_experts is not None:
+            if m.num_experts % p.ep:
+                raise ConfigError(
+                    f"model.num_experts ({m.num_experts}) is not divisible by "
+                    f"parallel.expert_model_parallel_size ({p.ep})"
+                )
+            if m.expert_ffn % tp:
+                raise ConfigError(
+                    f"model.moe_ffn_hidden_size ({m.expert_ffn}) is not divisible by "
+                    f"parallel.tensor_model_parallel_size ({tp}) (experts are TP-sharded like a dense MLP)"
+                )
+        elif p.ep > 1:
+            raise ConfigError("parallel.expert_model_parallel_size > 1 needs model.num_experts")
         stages = pp * (p.virtual_pipeline_model_parallel_size or 1)
         if m.num_layers % stages:
             raise ConfigError(
@@ -522,6 +588,11 @@ class Config:
     def _validate_stage(self, stage: str) -> None:
         if stage not in ("sft", "rl"):
             raise ValueError(f"stage must be 'sft' or 'rl', got {stage!r}")
+        if self.parallel.ep > 1:
+            raise ConfigError(
+                f"parallel.expert_model_parallel_size={self.parallel.ep}: training with expert "
+                "parallelism is not supported yet (only 1)"
+            )
         if not self.data.train_path:
             need = (
                 "an SFT dataset (jsonl or parquet with 'messages')"
@@ -547,6 +618,7 @@ class Config:
 _HF_ARCH = {
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
     "LlamaForCausalLM": "llama",
     "GlmForCausalLM": "glm",
 }
@@ -556,7 +628,8 @@ def model_config_from_hf(path: str | os.PathLike) -> dict[str, Any]:
     """Read an HF ``config.json`` (file or folder) into :class:`ModelConfig` field values.
 
     Supports Qwen2/Qwen2.5 (QKV bias), Qwen3 dense (no bias, per-head q/k RMSNorm, explicit
-    ``head_dim``), Llama (no bias, optional tied embeddings) and GLM-4 in its transformers form
+    ``head_dim``), Qwen3-MoE (the same attention; a top-k softmax router over routed experts in every
+    layer), Llama (no bias, optional tied embeddings) and GLM-4 in its transformers form
     ``GlmForCausalLM`` (QKV bias, partial rotary ``partial_rotary_factor``).
     """
     p = Path(path)
@@ -580,7 +653,7 @@ def model_config_from_hf(path: str | os.PathLike) -> dict[str, Any]:
         )
     heads = hf["num_attention_heads"]
     # transformers' Qwen3Config defaults head_dim to 128, the others to hidden / heads.
-    head_dim = hf.get("head_dim") or (128 if arch == "qwen3" else hf["hidden_size"] // heads)
+    head_dim = hf.get("head_dim") or (128 if arch in ("qwen3", "qwen3_moe") else hf["hidden_size"] // heads)
     out: dict[str, Any] = {
         "arch": arch,
         "num_layers": hf["num_hidden_layers"],
@@ -600,7 +673,7 @@ def model_config_from_hf(path: str | os.PathLike) -> dict[str, Any]:
     }
     if arch == "qwen2":
         out["add_qkv_bias"] = True
-    elif arch == "qwen3":
+    elif arch in ("qwen3", "qwen3_moe"):
         if hf.get("attention_bias", False):
             # Qwen3's attention_bias also covers o_proj, and its MLP has no bias: no Megatron layout.
             raise ConfigError(f"{p}: Qwen3 with attention_bias=true has no Megatron layout")
@@ -608,6 +681,8 @@ def model_config_from_hf(path: str | os.PathLike) -> dict[str, Any]:
             raise ConfigError(f"{p}: Qwen3 sliding-window attention is not supported (it would be wrong)")
         out["add_qkv_bias"] = False
         out["qk_layernorm"] = True
+        if arch == "qwen3_moe":
+            out.update(_qwen3_moe_fields(hf, p))
     elif arch == "llama":
         attn_bias, mlp_bias = bool(hf.get("attention_bias", False)), bool(hf.get("mlp_bias", False))
         if attn_bias != mlp_bias:
@@ -622,6 +697,35 @@ def model_config_from_hf(path: str | os.PathLike) -> dict[str, Any]:
         nested = rope.get("partial_rotary_factor") if isinstance(rope, dict) else None
         out["rotary_percent"] = float(hf.get("partial_rotary_factor", nested if nested is not None else 0.5))
     return out
+
+
+def _qwen3_moe_fields(hf: dict[str, Any], p: Path) -> dict[str, Any]:
+    """The MoE keys of a ``Qwen3MoeConfig``; layouts with dense layers among the MoE ones are refused."""
+    if hf.get("decoder_sparse_step", 1) != 1:
+        raise ConfigError(
+            f"{p}: decoder_sparse_step={hf['decoder_sparse_step']} (dense layers between MoE layers) "
+            "is not supported yet: only an MoE MLP in every layer"
+        )
+    if hf.get("mlp_only_layers"):
+        raise ConfigError(
+            f"{p}: mlp_only_layers={hf['mlp_only_layers']} (dense layers among MoE layers) "
+            "is not supported yet"
+        )
+    # transformers 5 writes num_experts as num_local_experts (its attribute_map), 4.x as num_experts.
+    experts = hf.get("num_experts", hf.get("num_local_experts"))
+    for key, value in (
+        ("num_experts", experts),
+        *((k, hf.get(k)) for k in ("num_experts_per_tok", "moe_intermediate_size")),
+    ):
+        if value is None:
+            raise ConfigError(f"{p}: Qwen3MoeForCausalLM config has no {key!r}")
+    return {
+        "num_experts": experts,
+        "moe_router_topk": hf["num_experts_per_tok"],
+        "moe_ffn_hidden_size": hf["moe_intermediate_size"],
+        "norm_topk_prob": bool(hf.get("norm_topk_prob", False)),
+        "moe_aux_loss_coeff": float(hf.get("router_aux_loss_coef", 0.001)),
+    }
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,12 +1,12 @@
 """Per-tensor maps between HF (transformers) and Megatron-Core parameter names and layouts.
 
-Pure torch: no megatron import. Every architecture module (qwen2, qwen3, llama, glm) describes its HF names
-with :class:`HFNames`; :func:`decoder_maps` turns them and a :class:`~megatron_t1.config.ModelConfig`
-into the list of :class:`TensorMap` s, one per *full* Megatron tensor (TP-merged, global layer
-index, the names of a TP=1 ``GPTModel`` built with the local spec), and :func:`from_hf` /
-:func:`to_hf` move the data. They are exact inverses: ``to_hf(from_hf(x)) == x`` bit for bit, and
-``from_hf(to_hf(y)) == y`` except for the padded vocabulary rows, which HF does not have (they come
-back as zeros).
+Pure torch: no megatron import. Every architecture module (qwen2, qwen3, qwen3_moe, llama, glm)
+describes its HF names with :class:`HFNames`; :func:`decoder_maps` turns them and a
+:class:`~megatron_t1.config.ModelConfig` into the list of :class:`TensorMap` s, one per *full*
+Megatron tensor (TP-merged, global layer index, the names of a TP=1 ``GPTModel`` built with the
+local spec), and :func:`from_hf` / :func:`to_hf` move the data. They are exact inverses:
+``to_hf(from_hf(x)) == x`` bit for bit, and ``from_hf(to_hf(y)) == y`` except for the padded
+vocabulary rows, which HF does not have (they come back as zeros).
 
 Layouts that differ between the two sides (the classic conversion bugs):
 
@@ -19,6 +19,11 @@ Layouts that differ between the two sides (the classic conversion bugs):
   (SwiGLU computes ``silu(x W_gate) * (x W_up)``); under TP each rank holds ``[gate_r; up_r]``, so a
   naive row split is wrong (see :mod:`megatron_t1.convert.sharding`). GLM stores the fused
   ``gate_up_proj`` already in this order (``kind="copy"``).
+* **MoE experts** (Qwen3-MoE). HF's ``mlp.experts.E.{gate,up,down}_proj`` are Megatron's
+  ``SequentialMLP`` ``mlp.experts.local_experts.E.linear_fc1`` (``[gate_E; up_E]``, ``gated``) and
+  ``linear_fc2``, each TP-sharded like a dense MLP (expert TP = TP); the router ``mlp.gate``
+  ``[E, H]`` is Megatron's ``mlp.router.weight``, replicated. Names are those of ``state_dict()`` with
+  EP = 1 (local expert index = global expert index).
 * **Vocabulary** (``kind="vocab"``). Megatron pads rows to a multiple of
   ``make_vocab_size_divisible_by * tp``; HF has exactly ``vocab_size`` rows.
 """
@@ -56,6 +61,10 @@ class Dims:
     linear_bias: bool
     tied: bool
     qk_layernorm: bool
+    experts: int | None = None
+    """Routed experts per layer; None: a dense MLP."""
+    expert_ffn: int = 0
+    """Inner width of one expert."""
 
     @classmethod
     def of(cls, mc: Any, *, tp: int = 1) -> Dims:
@@ -81,6 +90,8 @@ class Dims:
             linear_bias=mc.add_bias_linear,
             tied=mc.tie_word_embeddings,
             qk_layernorm=mc.qk_layernorm,
+            experts=mc.num_experts,
+            expert_ffn=mc.expert_ffn if mc.num_experts else 0,
         )
 
     @property
@@ -129,6 +140,12 @@ class HFNames:
     gate_up: tuple[str, ...] = ("mlp.gate_proj", "mlp.up_proj")
     """Two names (separate gate and up) or one (a fused ``[gate; up]`` tensor, GLM)."""
     down: str = "mlp.down_proj"
+    router: str | None = None
+    """MoE router weight ``[experts, H]`` (Qwen3-MoE: ``mlp.gate.weight``); None: no MoE layout."""
+    expert: str = "mlp.experts.{e}."
+    """Prefix of expert ``{e}``'s projections ``expert_gate_up`` / ``expert_down``."""
+    expert_gate_up: tuple[str, ...] = ("gate_proj", "up_proj")
+    expert_down: str = "down_proj"
     ignored: tuple[str, ...] = (r".*\.rotary_emb\.inv_freq$",)
     """Regexes of HF tensors that carry no weights (old checkpoints saved RoPE buffers)."""
 
@@ -289,38 +306,61 @@ def decoder_maps(n: HFNames, d: Dims) -> list[TensorMap]:
                 p + "pre_mlp_layernorm.weight", (hp + n.post_attention_norm,), "copy", (H,), "replicated"
             )
         )
-        fc1_kind: Kind = "gated" if len(n.gate_up) == 2 else "copy"
-        layer.append(
-            TensorMap(
-                p + "mlp.linear_fc1.weight",
-                tuple(hp + x + ".weight" for x in n.gate_up),
-                fc1_kind,
-                (2 * F, H),
-                "gated_column",
-            )
-        )
-        if d.linear_bias:
-            layer.append(
-                TensorMap(
-                    p + "mlp.linear_fc1.bias",
-                    tuple(hp + x + ".bias" for x in n.gate_up),
-                    fc1_kind,
-                    (2 * F,),
-                    "gated_column",
-                )
-            )
-        layer.append(
-            TensorMap(p + "mlp.linear_fc2.weight", (hp + n.down + ".weight",), "copy", (H, F), "row")
-        )
-        if d.linear_bias:
-            layer.append(
-                TensorMap(p + "mlp.linear_fc2.bias", (hp + n.down + ".bias",), "copy", (H,), "replicated")
-            )
+        layer += _moe_maps(n, d, p, hp) if d.experts else _mlp_maps(d, p + "mlp.", hp, n.gate_up, n.down, F)
         maps.extend(TensorMap(m.mcore, m.hf, m.kind, m.shape, m.tp, layer=i) for m in layer)
     maps.append(TensorMap("decoder.final_layernorm.weight", (n.final_norm,), "copy", (H,), "replicated"))
     if not d.tied:
         maps.append(TensorMap("output_layer.weight", (n.lm_head,), "vocab", (d.padded_vocab, H), "vocab"))
     return maps
+
+
+def _moe_maps(n: HFNames, d: Dims, p: str, hp: str) -> list[TensorMap]:
+    """Router and every expert's gated MLP of one MoE layer (prefixes ``p`` Megatron, ``hp`` HF)."""
+    if n.router is None:
+        raise ConvertError("model.num_experts is set, but this architecture has no MoE layout in HF")
+    out = [TensorMap(p + "mlp.router.weight", (hp + n.router,), "copy", (d.experts, d.hidden), "replicated")]
+    for e in range(d.experts):
+        out += _mlp_maps(
+            d,
+            p + f"mlp.experts.local_experts.{e}.",
+            hp + n.expert.format(e=e),
+            n.expert_gate_up,
+            n.expert_down,
+            d.expert_ffn,
+        )
+    return out
+
+
+def _mlp_maps(d: Dims, p: str, mp: str, gate_up: tuple[str, ...], down: str, F: int) -> list[TensorMap]:
+    """A gated MLP of inner width ``F``: Megatron names under ``p`` (``decoder.layers.3.mlp.``), HF
+    names of its projections ``gate_up`` / ``down`` under ``mp`` (``model.layers.3.``, or an expert's
+    prefix)."""
+    H = d.hidden
+    layer: list[TensorMap] = []
+    fc1_kind: Kind = "gated" if len(gate_up) == 2 else "copy"
+    layer.append(
+        TensorMap(
+            p + "linear_fc1.weight",
+            tuple(mp + x + ".weight" for x in gate_up),
+            fc1_kind,
+            (2 * F, H),
+            "gated_column",
+        )
+    )
+    if d.linear_bias:
+        layer.append(
+            TensorMap(
+                p + "linear_fc1.bias",
+                tuple(mp + x + ".bias" for x in gate_up),
+                fc1_kind,
+                (2 * F,),
+                "gated_column",
+            )
+        )
+    layer.append(TensorMap(p + "linear_fc2.weight", (mp + down + ".weight",), "copy", (H, F), "row"))
+    if d.linear_bias:
+        layer.append(TensorMap(p + "linear_fc2.bias", (mp + down + ".bias",), "copy", (H,), "replicated"))
+    return layer
 
 
 def expected_hf_shapes(tm: TensorMap, d: Dims) -> list[tuple[int, ...]]:

@@ -155,6 +155,17 @@ def _assemble_converted(
     return out
 
 
+def _refuse_moe(mc: Any) -> None:
+    """MoE models have no torch_dist layout here yet: Megatron's ``SequentialMLP`` saves each layer's
+    experts as one tensor with an extra expert axis (``...mlp.experts.experts.linear_fc1.weight``),
+    which the writer and reader do not lay out. In-memory loading (``load_hf_into_model``) works."""
+    if getattr(mc, "num_experts", None):
+        raise ConvertError(
+            "MoE (model.num_experts) torch_dist checkpoint conversion is not supported yet; "
+            "load HF weights into a built model with megatron_t1.mcore.convert_io.load_hf_into_model"
+        )
+
+
 def hf_to_mcore(
     hf_dir: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -174,6 +185,7 @@ def hf_to_mcore(
     tp, pp = tp or 1, pp or 1
     out_dtype = parse_dtype(dtype) if isinstance(dtype, str) or dtype is None else dtype
     spec, mc, raw = model_config_from_hf_dir(hf_dir)
+    _refuse_moe(mc)
     check_layout(mc, tp=tp, pp=pp)
     maps = spec.tensor_maps(mc, tp=tp)
     d = Dims.of(mc, tp=tp)
@@ -325,6 +337,7 @@ def mcore_to_hf(
         )
     else:
         spec, mc, _ = model_config_from_hf_dir(template)
+    _refuse_moe(mc)
     reader = TorchDistReader(ckpt)
     maps = spec.tensor_maps(mc, tp=1)
     d = Dims.of(mc)

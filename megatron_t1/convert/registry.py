@@ -7,10 +7,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from megatron_t1.convert import glm, llama, qwen2, qwen3
+from megatron_t1.convert import glm, llama, qwen2, qwen3, qwen3_moe
 from megatron_t1.convert.maps import ArchSpec, ConvertError
 
-SPECS: tuple[ArchSpec, ...] = (qwen2.SPEC, llama.SPEC, glm.SPEC, qwen3.SPEC)
+SPECS: tuple[ArchSpec, ...] = (qwen2.SPEC, llama.SPEC, glm.SPEC, qwen3.SPEC, qwen3_moe.SPEC)
 """Every supported architecture (immutable: add a module and list its SPEC here)."""
 
 
@@ -32,7 +32,7 @@ def spec_for_hf_architectures(archs: Sequence[str] | str | None, *, where: str =
 
 
 def spec_for_arch(arch: str) -> ArchSpec:
-    """The spec of our family name (``ModelConfig.arch``: qwen2, qwen3, llama, glm)."""
+    """The spec of our family name (``ModelConfig.arch``: qwen2, qwen3, qwen3_moe, llama, glm)."""
     for s in SPECS:
         if s.name == arch:
             return s

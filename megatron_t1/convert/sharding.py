@@ -143,3 +143,15 @@ def shift_layer(name: str, offset: int) -> str:
     if not m:
         return name
     return f"{m.group(1)}{int(m.group(2)) + offset}{m.group(3)}"
+
+
+_EXPERT = re.compile(r"^(.*\.mlp\.experts\.local_experts\.)(\d+)(\..*)$")
+
+
+def shift_expert(name: str, offset: int) -> str:
+    """Add ``offset`` to the expert index of a ``SequentialMLP`` name (this EP rank's local experts
+    -> global experts: offset = EP rank x experts per rank); other names are returned as they are."""
+    m = _EXPERT.match(name)
+    if not m:
+        return name
+    return f"{m.group(1)}{int(m.group(2)) + offset}{m.group(3)}"

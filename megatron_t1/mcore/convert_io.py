@@ -33,7 +33,7 @@ from megatron_t1.config import Config, ConfigError, DataConfig, ModelConfig, Par
 from megatron_t1.convert.hf_io import SafetensorsReader
 from megatron_t1.convert.maps import ConvertError, Dims, from_hf
 from megatron_t1.convert.registry import model_config_from_hf_dir
-from megatron_t1.convert.sharding import layer_offset, shard_tp, shift_layer
+from megatron_t1.convert.sharding import layer_offset, shard_tp, shift_expert, shift_layer
 from megatron_t1.convert.torch_dist import (  # noqa: F401  (re-exported for mcore/checkpoint.py)
     FORMAT,
     METADATA_FILE,
@@ -57,6 +57,10 @@ _COMPARED_FIELDS = (
     "add_qkv_bias",
     "add_bias_linear",
     "qk_layernorm",
+    "num_experts",
+    "moe_router_topk",
+    "moe_ffn_hidden_size",
+    "norm_topk_prob",
     "tie_word_embeddings",
 )
 
@@ -96,6 +100,8 @@ def load_hf_into_model(
     tp, tp_rank = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
     pp, pp_rank = ps.get_pipeline_model_parallel_world_size(), ps.get_pipeline_model_parallel_rank()
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size
+    # EP: this rank holds experts [ep_rank * E / EP, (ep_rank + 1) * E / EP), indexed from 0 locally
+    expert_offset = ps.get_expert_model_parallel_rank() * (cfg.model.num_experts or 0) // cfg.parallel.ep
     maps = {tm.mcore: tm for tm in spec.tensor_maps(cfg.model, tp=tp)}
     d = Dims.of(cfg.model, tp=tp)
     reader = SafetensorsReader(hf_dir)
@@ -103,7 +109,7 @@ def load_hf_into_model(
         model = unwrap(chunk)
         offset = layer_offset(d.layers, pp, pp_rank, vpp, vp_stage if vpp else None)
         for local_name, param in model.named_parameters():
-            name = _local_spec_name(shift_layer(local_name, offset))
+            name = _local_spec_name(shift_expert(shift_layer(local_name, offset), expert_offset))
             if name == "output_layer.weight" and d.tied:
                 name = "embedding.word_embeddings.weight"  # the last stage's copy of the tied embedding
             tm = maps.get(name)
@@ -203,10 +209,21 @@ def verify_config(
     """The run config of a converted checkpoint at layout ``tp`` x ``pp`` (fp32)."""
     meta = read_checkpoint_metadata(resolve_checkpoint_dir(mcore_dir))
     mc = ModelConfig(**{**meta["model"], "precision": "fp32", "hf_config": None})
+    return layout_config(mc, tp=tp, pp=pp, device=device, seq_len=seq_len)
+
+
+def layout_config(
+    mc: ModelConfig, *, tp: int = 1, pp: int = 1, ep: int = 1, device: str = "cpu", seq_len: int = 32
+) -> Config:
+    """A run config of model ``mc`` at layout ``tp`` x ``pp`` (x ``ep`` experts) for a forward check
+    (validated)."""
     cfg = Config(
         model=mc,
         parallel=ParallelConfig(
-            tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp, timeout_minutes=5
+            tensor_model_parallel_size=tp,
+            pipeline_model_parallel_size=pp,
+            expert_model_parallel_size=ep,
+            timeout_minutes=5,
         ),
         run=RunConfig(device=device),
         data=DataConfig(seq_length=min(seq_len, mc.max_position_embeddings)),

@@ -36,6 +36,17 @@ Patch points and why:
    while its own handler runs, and the whole of ``torch.autograd.backward`` runs inside one handler
    call, so without this the Python backward code there is not rewritten: sequence parallelism's
    reduce-scatter and all-gather allocate on ``torch.cuda.current_device()`` in backward.
+9. ``megatron.core.transformer.moe.moe_utils.te_general_gemm`` -> None when TransformerEngine is not
+   importable. megatron-core 0.16.1 imports it only inside ``try: import transformer_engine`` but
+   tests ``te_general_gemm is not None`` in the MoE router's gating linear, a ``NameError`` on any
+   install without TE (the torch ``mm`` path it then takes is the intended fallback). Not a CUDA
+   entry point: :func:`fill_moe_te_gap` is also called by ``mcore.model.layer_spec`` for an MoE
+   model without TE on a GPU.
+10. ``megatron.core.transformer.moe.token_dispatcher.maybe_move_tensor_to_cpu``: ``as_numpy=True``
+    also for a tensor already on the CPU. The alltoall dispatcher computes its EP split sizes as
+    tensors and relies on this device-to-host copy to turn them into numpy arrays, which
+    ``all_to_all_single`` takes as split sizes; a CPU tensor was passed on unchanged, a ``TypeError``
+    under expert parallelism.
 
 Limits: TransformerEngine layers need CUDA; use the local layer spec (its norms allow sequence
 parallelism: ``megatron_t1.mcore.model.TorchNorm``), ``use_cpu_initialization=True`` and fp32.
@@ -157,6 +168,20 @@ def _noop(*args, **kwargs):
     return None
 
 
+def fill_moe_te_gap() -> None:
+    """Patch 9 of the module docstring (idempotent; nothing to do when TE was imported)."""
+    from megatron.core.transformer.moe import moe_utils
+
+    if not hasattr(moe_utils, "te_general_gemm"):
+        moe_utils.te_general_gemm = None
+
+
+def _move_to_cpu_as_numpy_too(tensor, as_numpy: bool = False, record_stream: bool = False):
+    if torch.is_tensor(tensor) and not tensor.is_cuda:
+        return tensor.numpy() if as_numpy else tensor
+    return _state["move_to_cpu"](tensor, as_numpy=as_numpy, record_stream=record_stream)
+
+
 def enable_cpu_mode(force: bool = False) -> bool:
     """Apply every patch listed in the module docstring; returns True when CPU mode is active.
 
@@ -194,6 +219,11 @@ def enable_cpu_mode(force: bool = False) -> bool:
         mrandom._get_cuda_rng_state = _cpu_get_rng_state
         mrandom._set_cuda_rng_state = _cpu_set_rng_state
 
+        fill_moe_te_gap()
+        from megatron.core.transformer.moe import token_dispatcher
+
+        _state["move_to_cpu"] = token_dispatcher.maybe_move_tensor_to_cpu
+        token_dispatcher.maybe_move_tensor_to_cpu = _move_to_cpu_as_numpy_too
         _patch_megatron_backwards()
         _CudaToCpuMode().__enter__()  # stays pushed for the life of the process
         _state["enabled"] = True

@@ -40,6 +40,7 @@ from megatron.core.transformer.module import Float16Module
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
 from megatron_t1.config import Config, ConfigError
+from megatron_t1.mcore.cpu import fill_moe_te_gap
 
 
 def te_available() -> bool:
@@ -56,6 +57,7 @@ def transformer_config(cfg: Config) -> TransformerConfig:
     bf16 = m.precision == "bf16"
     recompute = {"none": None, "full": "full", "selective": "selective"}[m.recompute]
     return TransformerConfig(
+        **_moe_fields(cfg),
         num_layers=m.num_layers,
         hidden_size=m.hidden_size,
         ffn_hidden_size=m.ffn_hidden_size,
@@ -99,6 +101,34 @@ def transformer_config(cfg: Config) -> TransformerConfig:
         recompute_method="uniform" if recompute == "full" else None,
         recompute_num_layers=1 if recompute == "full" else None,
         variable_seq_lengths=False,
+    )
+
+
+def _moe_fields(cfg: Config) -> dict:
+    """The MoE part of :func:`transformer_config` (empty for a dense model).
+
+    Qwen3-MoE's router is softmax over all experts, top-k, and with ``norm_topk_prob`` the k weights
+    divided by their sum. Megatron's softmax router has two orders (``topk_routing_with_score_function``):
+    ``moe_router_pre_softmax=False`` takes the top-k *logits* and softmaxes those, which is
+    ``p_i / sum_topk p_j``, the renormalised form; ``pre_softmax=True`` softmaxes over all experts and
+    keeps the k probabilities, the form without renormalisation. No scaling factor, no expert bias,
+    no group-limited routing, no shared expert.
+    """
+    m, p = cfg.model, cfg.parallel
+    if m.num_experts is None:
+        return {}
+    return dict(
+        num_moe_experts=m.num_experts,
+        moe_router_topk=m.moe_router_topk,
+        moe_ffn_hidden_size=m.expert_ffn,
+        moe_router_score_function="softmax",
+        moe_router_pre_softmax=not m.norm_topk_prob,
+        moe_router_topk_scaling_factor=None,
+        moe_router_load_balancing_type="aux_loss" if m.moe_aux_loss_coeff > 0 else "none",
+        moe_aux_loss_coeff=m.moe_aux_loss_coeff,
+        moe_token_dispatcher_type="alltoall",
+        moe_grouped_gemm=False,
+        expert_model_parallel_size=p.ep,
     )
 
 
@@ -169,10 +199,14 @@ def attention_kind(model: torch.nn.Module) -> str:
 
 def layer_spec(cfg: Config):
     """TE spec when TransformerEngine is usable, the local (pure Megatron) spec otherwise."""
-    qk = cfg.model.qk_layernorm
+    qk, experts = cfg.model.qk_layernorm, cfg.model.num_experts
     if te_available():
-        return get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk)
-    spec = get_gpt_layer_local_spec(normalization=cfg.model.normalization, qk_layernorm=qk)
+        return get_gpt_layer_with_transformer_engine_spec(num_experts=experts, qk_layernorm=qk)
+    if experts is not None:
+        fill_moe_te_gap()  # megatron-core 0.16.1's MoE router without TE (mcore/cpu.py, patch 9)
+    spec = get_gpt_layer_local_spec(
+        num_experts=experts, moe_grouped_gemm=False, normalization=cfg.model.normalization, qk_layernorm=qk
+    )
     spec.submodules.input_layernorm = TorchNorm
     spec.submodules.pre_mlp_layernorm = TorchNorm
     if qk:  # Megatron's local choice, WrappedTorchNorm, refuses sequence parallelism

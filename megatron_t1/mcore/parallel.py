@@ -83,6 +83,7 @@ def init_parallel(pcfg: ParallelConfig, *, seed: int, device: str = "auto") -> P
     ps.initialize_model_parallel(
         tensor_model_parallel_size=pcfg.tp,
         pipeline_model_parallel_size=pcfg.pp,
+        expert_model_parallel_size=pcfg.ep,
         virtual_pipeline_model_parallel_size=pcfg.virtual_pipeline_model_parallel_size,
         distributed_timeout_minutes=int(max(1, pcfg.timeout_minutes)),
     )

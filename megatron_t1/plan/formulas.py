@@ -58,6 +58,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from megatron_t1.config import ConfigError
 from megatron_t1.rl.chunks import chunk_rows, tile_shape
 
 GIB = float(1 << 30)
@@ -178,6 +179,8 @@ def inputs_from_config(
     """Flatten a :class:`megatron_t1.config.Config`. ``nodes=None``: the fewest nodes that hold one
     model replica (TP x PP GPUs). ``mode='auto'``: rl when ``rollout.engine`` is vllm, else sft."""
     m, p, d = cfg.model, cfg.parallel, cfg.data
+    if m.num_experts is not None:  # the formulas count a dense MLP: MoE would be planned wrong
+        raise ConfigError("plan: MoE models (model.num_experts) are not supported by the planner yet")
     mp = p.tp * p.pp
     if nodes is None:
         nodes = max(1, -(-mp // gpus_per_node))

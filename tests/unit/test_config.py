@@ -11,6 +11,8 @@ import pytest
 from megatron_t1.config import (
     Config,
     ConfigError,
+    DataConfig,
+    ModelConfig,
     ParallelConfig,
     config_from_dict,
     load_config,
@@ -198,6 +200,54 @@ def test_model_from_hf_qwen3(tmp_path):
         model_config_from_hf(_hf(tmp_path, **qwen3, attention_bias=True))
     with pytest.raises(ConfigError, match="sliding-window"):
         model_config_from_hf(_hf(tmp_path, **qwen3, use_sliding_window=True))
+
+
+def test_model_from_hf_qwen3_moe(tmp_path):
+    """Qwen3-30B-A3B's shape: Qwen3 attention, 128 experts of 768, top 8, renormalised weights."""
+    moe = dict(
+        architectures=["Qwen3MoeForCausalLM"], hidden_size=2048, num_attention_heads=32, head_dim=128,
+        num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, norm_topk_prob=True,
+        router_aux_loss_coef=0.001, decoder_sparse_step=1, mlp_only_layers=[],
+    )  # fmt: skip
+    m = model_config_from_hf(_hf(tmp_path, **moe))
+    assert m["arch"] == "qwen3_moe" and m["qk_layernorm"] is True and m["add_qkv_bias"] is False
+    assert (m["num_experts"], m["moe_router_topk"], m["moe_ffn_hidden_size"]) == (128, 8, 768)
+    assert m["norm_topk_prob"] is True and m["moe_aux_loss_coeff"] == 0.001 and m["kv_channels"] == 128
+    mc = ModelConfig(**m)
+    assert mc.expert_ffn == 768
+    with pytest.raises(ConfigError, match="decoder_sparse_step=2"):
+        model_config_from_hf(_hf(tmp_path, **(moe | {"decoder_sparse_step": 2})))
+    with pytest.raises(ConfigError, match="mlp_only_layers"):
+        model_config_from_hf(_hf(tmp_path, **(moe | {"mlp_only_layers": [0]})))
+    with pytest.raises(ConfigError, match="moe_intermediate_size"):
+        model_config_from_hf(_hf(tmp_path, **{k: v for k, v in moe.items() if k != "moe_intermediate_size"}))
+
+
+def test_moe_fields_and_expert_parallel_validation():
+    with pytest.raises(ConfigError, match="moe_router_topk"):
+        ModelConfig(num_experts=4, moe_router_topk=5)
+    with pytest.raises(ConfigError, match="num_experts must be >= 2"):
+        ModelConfig(num_experts=1)
+    with pytest.raises(ConfigError, match="moe_aux_loss_coeff"):
+        ModelConfig(num_experts=4, moe_aux_loss_coeff=-1.0)
+    cfg = Config(
+        model=ModelConfig(num_experts=4, moe_ffn_hidden_size=30),
+        parallel=ParallelConfig(tensor_model_parallel_size=4),
+    )
+    with pytest.raises(ConfigError, match="moe_ffn_hidden_size .30. is not divisible"):
+        cfg.validate()
+    p = ParallelConfig(tensor_model_parallel_size=2, expert_model_parallel_size=2)
+    assert p.data_parallel_size(8) == 4
+    with pytest.raises(ConfigError, match=r"data-parallel size 3 .*expert_model_parallel_size \(2\)"):
+        p.data_parallel_size(6)
+    with pytest.raises(ConfigError, match=r"num_experts \(3\) is not divisible by parallel.expert"):
+        Config(model=ModelConfig(num_experts=3), parallel=p).validate()
+    with pytest.raises(ConfigError, match="expert_model_parallel_size > 1 needs model.num_experts"):
+        Config(parallel=p).validate()
+    cfg = Config(model=ModelConfig(num_experts=4), parallel=p, data=DataConfig(train_path="x.jsonl"))
+    cfg.validate(world_size=4)  # a forward check may use EP = 2 ...
+    with pytest.raises(ConfigError, match="training with expert parallelism is not supported yet"):
+        cfg.validate(world_size=4, stage="sft")  # ... training may not, yet
 
 
 def test_hf_config_in_yaml_and_conflicts(tmp_path):

@@ -21,6 +21,7 @@ from megatron_t1.convert.sharding import (
     layer_range,
     merge_tp,
     shard_tp,
+    shift_expert,
     shift_layer,
     split_tp,
     tp_rule,
@@ -38,11 +39,13 @@ def _mc(arch: str = "qwen2", **kw) -> ModelConfig:
         kv_channels=4,
         vocab_size=50,
         make_vocab_size_divisible_by=8,
-        add_qkv_bias=arch not in ("llama", "qwen3"),
-        qk_layernorm=arch == "qwen3",
+        add_qkv_bias=arch not in ("llama", "qwen3", "qwen3_moe"),
+        qk_layernorm=arch in ("qwen3", "qwen3_moe"),
         tie_word_embeddings=arch == "llama",
         rotary_percent=0.5 if arch == "glm" else 1.0,
     )
+    if arch == "qwen3_moe":
+        base.update(num_experts=3, moe_router_topk=2, moe_ffn_hidden_size=6, norm_topk_prob=False)
     base.update(kw)
     return ModelConfig(**base)
 
@@ -163,6 +166,10 @@ def test_shift_layer_names():
     )
     assert shift_layer("module.decoder.layers.0.x", 2) == "module.decoder.layers.2.x"
     assert shift_layer("embedding.word_embeddings.weight", 3) == "embedding.word_embeddings.weight"
+    # EP rank 1 of 2 with 4 experts holds global experts 2, 3 as local 0, 1
+    name = "decoder.layers.1.mlp.experts.local_experts.1.linear_fc1.weight"
+    assert shift_expert(name, 2) == "decoder.layers.1.mlp.experts.local_experts.3.linear_fc1.weight"
+    assert shift_expert("decoder.layers.1.mlp.router.weight", 2) == "decoder.layers.1.mlp.router.weight"
 
 
 def _random_hf(spec, mc, d):
@@ -174,7 +181,7 @@ def _random_hf(spec, mc, d):
     return out
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama", "glm", "qwen3"])
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "glm", "qwen3", "qwen3_moe"])
 @pytest.mark.parametrize("tp", [1, 4])
 def test_to_hf_from_hf_are_exact_inverses(arch, tp):
     spec, mc = spec_for_arch(arch), _mc(arch)
@@ -195,7 +202,7 @@ def test_to_hf_from_hf_are_exact_inverses(arch, tp):
         assert torch.equal(again, full)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "glm", "qwen3"])
+@pytest.mark.parametrize("arch", ["qwen2", "glm", "qwen3", "qwen3_moe"])
 def test_row_plans_equal_the_tensor_path(arch):
     """The byte-copy fast path (row plans) must build exactly what from_hf / to_hf build."""
     spec, mc = spec_for_arch(arch), _mc(arch)
@@ -219,6 +226,27 @@ def test_row_plans_equal_the_tensor_path(arch):
         for name, segs in plan:
             got = torch.cat([full[s.row : s.row + s.rows] for s in segs])
             assert torch.equal(got, dict(M.to_hf(tm, full, d))[name]), name
+
+
+def test_qwen3_moe_maps_name_every_expert_in_megatron_layout():
+    """Router ``mlp.gate`` [E, H] -> ``mlp.router.weight`` (replicated); expert e's gate/up/down ->
+    ``mlp.experts.local_experts.e.linear_fc1`` [gate_e; up_e] (gated column) / ``linear_fc2`` (row)."""
+    spec, mc = spec_for_arch("qwen3_moe"), _mc("qwen3_moe")
+    maps = {tm.mcore: tm for tm in spec.tensor_maps(mc)}
+    router = maps["decoder.layers.1.mlp.router.weight"]
+    assert router.hf == ("model.layers.1.mlp.gate.weight",) and router.shape == (3, 16)
+    assert router.tp == "replicated"
+    fc1 = maps["decoder.layers.1.mlp.experts.local_experts.2.linear_fc1.weight"]
+    assert fc1.hf == tuple(f"model.layers.1.mlp.experts.2.{x}_proj.weight" for x in ("gate", "up"))
+    assert fc1.kind == "gated" and fc1.tp == "gated_column" and fc1.shape == (12, 16)
+    fc2 = maps["decoder.layers.0.mlp.experts.local_experts.0.linear_fc2.weight"]
+    assert fc2.hf == ("model.layers.0.mlp.experts.0.down_proj.weight",) and fc2.tp == "row"
+    assert fc2.shape == (16, 6)
+    assert not any(".mlp.linear_fc" in n for n in maps)  # no dense MLP left
+    with pytest.raises(M.ConvertError, match="num_experts"):
+        spec.tensor_maps(_mc("qwen3_moe", num_experts=None))
+    with pytest.raises(M.ConvertError, match="no MoE layout"):
+        spec_for_arch("qwen3").tensor_maps(_mc("qwen3", num_experts=3))
 
 
 def test_shape_mismatch_names_the_hf_tensor():
@@ -257,10 +285,11 @@ def test_streams_round_trip_in_any_order_and_report_missing():
 
 def test_registry_dispatch_and_unknown_architecture():
     assert [s.hf_architecture for s in SPECS] == [
-        "Qwen2ForCausalLM", "LlamaForCausalLM", "GlmForCausalLM", "Qwen3ForCausalLM"
+        "Qwen2ForCausalLM", "LlamaForCausalLM", "GlmForCausalLM", "Qwen3ForCausalLM", "Qwen3MoeForCausalLM"
     ]  # fmt: skip
     assert spec_for_hf_architectures(["GlmForCausalLM"]).name == "glm"
     assert spec_for_hf_architectures(["Qwen3ForCausalLM"]).name == "qwen3"
+    assert spec_for_hf_architectures(["Qwen3MoeForCausalLM"]).name == "qwen3_moe"
     with pytest.raises(M.ConvertError, match=r"Glm4ForCausalLM.*supported.*Qwen2ForCausalLM"):
         spec_for_hf_architectures(["Glm4ForCausalLM"])
     with pytest.raises(M.ConvertError, match="unknown model.arch"):
@@ -312,7 +341,7 @@ def test_architecture_constraints():
     assert {"model.layers.0.self_attn.o_proj.bias", "model.layers.1.mlp.up_proj.bias"} <= names
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama", "glm", "qwen3"])
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "glm", "qwen3", "qwen3_moe"])
 @pytest.mark.parametrize("kv_channels", [None, 4])
 def test_hf_config_round_trips_through_model_config(arch, kv_channels, tmp_path):
     """ModelConfig -> the spec's config.json -> (transformers reads it) -> ModelConfig: the same model."""
@@ -334,7 +363,8 @@ def test_hf_config_round_trips_through_model_config(arch, kv_channels, tmp_path)
     for field in (
         "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
         "vocab_size", "add_qkv_bias", "add_bias_linear", "tie_word_embeddings", "rotary_percent",
-        "rope_theta", "norm_epsilon", "max_position_embeddings", "qk_layernorm",
+        "rope_theta", "norm_epsilon", "max_position_embeddings", "qk_layernorm", "num_experts",
+        "moe_router_topk", "moe_ffn_hidden_size", "norm_topk_prob", "moe_aux_loss_coeff",
     ):  # fmt: skip
         assert getattr(got, field) == getattr(mc, field), field
     head_dim = kv_channels or mc.hidden_size // mc.num_attention_heads

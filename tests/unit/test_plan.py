@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_t1.config import load_config
+from megatron_t1.config import ConfigError, load_config
 from megatron_t1.plan import (
     GIB,
     VLLM_ASLEEP_GIB,
@@ -317,6 +317,12 @@ def test_anchor_pass_counts_the_anchor_copy_only_when_it_is_cast_or_moved():
     on = plan_memory(x)
     assert off.phases[0].total == pytest.approx(on.phases[0].total - 4 * n)
     assert off.phases[1].total == pytest.approx(on.phases[1].total - 4 * n)  # 4 + 2 B -> the 2 B copy
+
+
+def test_moe_is_refused_by_the_planner():
+    cfg = load_config(ROOT / "examples/qwen2.5_7b/rl.yaml", ["model.num_experts=8"])
+    with pytest.raises(ConfigError, match="MoE .* not supported by the planner yet"):
+        inputs_from_config(cfg, nodes=1)
 
 
 def test_inputs_from_config_takes_the_packing_and_optimizer_steps():
