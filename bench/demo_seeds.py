@@ -92,50 +92,10 @@ def _table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--seeds", default="1,2,3", help="comma-separated demo seeds")
-    p.add_argument("--recipe", action="append", default=[], help="NAME=RL_OVERRIDES[|SFT_OVERRIDES]")
-    p.add_argument("--out", default="runs/seeds", help="parent folder of the runs")
-    p.add_argument("--report", default=None, help="where results.jsonl and logs go (default --out)")
-    p.add_argument("--jobs", type=int, default=1, help="runs at a time")
-    p.add_argument("--threads", type=int, default=2, help="intra-op threads per run")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--tp2-steps", type=int, default=2)
-    p.add_argument("--heldout", type=int, default=None)
-    p.add_argument(
-        "--select",
-        choices=("best", "final"),
-        default="best",
-        help="demo --select: the RL checkpoint with the best validation accuracy (default) or the last",
-    )
-    p.add_argument("--quick", action="store_true", help="pass --quick to every demo (a smoke test)")
-    p.add_argument(
-        "--sft-from",
-        default=None,
-        metavar="PATTERN",
-        help="start every run from an existing demo SFT: a folder with data/tokenizer, sft/ and sft_hf/, "
-        "'{seed}' replaced by the seed (e.g. runs/demo_s{seed}); recipes' SFT overrides are then ignored",
-    )
-    p.add_argument("--time-limit", type=float, default=None, help="seconds; stop the runs still going")
-    args = p.parse_args()
-    recipes = [_parse_recipe(r) for r in (args.recipe or ["base="])]
-    seeds = [int(s) for s in args.seeds.split(",")]
-    report = Path(args.report or args.out)
-    (report / "logs").mkdir(parents=True, exist_ok=True)
-    results = report / "results.jsonl"
-
-    jobs: list[Job] = []
-    owners: dict[tuple[tuple[str, ...], int], Job] = {}
-    for name, rl, sft in recipes:  # recipe-major: every seed's first recipe starts first
-        for seed in seeds:
-            job = Job(name, seed, rl, sft, Path(args.out) / f"{name}_s{seed}")
-            job.log = report / "logs" / f"{name}_s{seed}.log"
-            job.sft_owner = owners.setdefault((tuple(sft), seed), job)
-            if job.sft_owner is job:
-                job.sft_owner = None
-            jobs.append(job)
-
+def run_jobs(jobs: list[Job], args, results: Path) -> list[dict]:
+    """Run ``jobs`` (``args.jobs`` at a time, each capped to ``args.threads`` threads; SFT owners first)
+    until all end or ``args.time_limit`` passes; each finished run's summary row is appended to
+    ``results`` and returned. A job whose ``status`` is already "ok" is not run (a resumed sweep)."""
     t0 = time.time()
     done: list[dict] = []
     while any(j.status in ("waiting", "running") for j in jobs):
@@ -186,6 +146,54 @@ def main() -> int:
             j.status = "running"
             running += 1
         time.sleep(2)
+    return done
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--seeds", default="1,2,3", help="comma-separated demo seeds")
+    p.add_argument("--recipe", action="append", default=[], help="NAME=RL_OVERRIDES[|SFT_OVERRIDES]")
+    p.add_argument("--out", default="runs/seeds", help="parent folder of the runs")
+    p.add_argument("--report", default=None, help="where results.jsonl and logs go (default --out)")
+    p.add_argument("--jobs", type=int, default=1, help="runs at a time")
+    p.add_argument("--threads", type=int, default=2, help="intra-op threads per run")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--tp2-steps", type=int, default=2)
+    p.add_argument("--heldout", type=int, default=None)
+    p.add_argument(
+        "--select",
+        choices=("best", "final"),
+        default="best",
+        help="demo --select: the RL checkpoint with the best validation accuracy (default) or the last",
+    )
+    p.add_argument("--quick", action="store_true", help="pass --quick to every demo (a smoke test)")
+    p.add_argument(
+        "--sft-from",
+        default=None,
+        metavar="PATTERN",
+        help="start every run from an existing demo SFT: a folder with data/tokenizer, sft/ and sft_hf/, "
+        "'{seed}' replaced by the seed (e.g. runs/demo_s{seed}); recipes' SFT overrides are then ignored",
+    )
+    p.add_argument("--time-limit", type=float, default=None, help="seconds; stop the runs still going")
+    args = p.parse_args()
+    recipes = [_parse_recipe(r) for r in (args.recipe or ["base="])]
+    seeds = [int(s) for s in args.seeds.split(",")]
+    report = Path(args.report or args.out)
+    (report / "logs").mkdir(parents=True, exist_ok=True)
+    results = report / "results.jsonl"
+
+    jobs: list[Job] = []
+    owners: dict[tuple[tuple[str, ...], int], Job] = {}
+    for name, rl, sft in recipes:  # recipe-major: every seed's first recipe starts first
+        for seed in seeds:
+            job = Job(name, seed, rl, sft, Path(args.out) / f"{name}_s{seed}")
+            job.log = report / "logs" / f"{name}_s{seed}.log"
+            job.sft_owner = owners.setdefault((tuple(sft), seed), job)
+            if job.sft_owner is job:
+                job.sft_owner = None
+            jobs.append(job)
+
+    done = run_jobs(jobs, args, results)
     for j in jobs:
         if j.status != "ok":
             print(f"{j.recipe} seed {j.seed}: {j.status} (log {j.log})")

@@ -502,6 +502,9 @@ class EvalConfig:
     """RL steps between held-out evaluations (0: only at the end)."""
     eval_at_start: bool = True
     """With ``eval_every``: also evaluate the initial policy (the curve's step 0) before step 1."""
+    sampled_size: int = 0
+    """RL held-out evaluations also sample the first N problems once each at ``rollout.temperature`` (the
+    distribution RL optimises) and log ``heldout_sampled_accuracy`` next to the greedy accuracy. 0: off."""
 
 
 @dataclass
@@ -604,6 +607,8 @@ class Config:
             ev = self.eval
             if ev.eval_every and not ev.heldout_path:
                 raise ConfigError("eval.eval_every is set but eval.heldout_path is not")
+            if ev.sampled_size < 0:
+                raise ConfigError(f"eval.sampled_size must be >= 0, got {ev.sampled_size}")
             if self.checkpoint.keep_best and not (ev.heldout_path and ev.eval_every):
                 raise ConfigError(
                     "checkpoint.keep_best selects among held-out evaluations: it needs eval.heldout_path "

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from megatron_t1.mcore.model import build_model, packed_layout
 from megatron_t1.mcore.parallel import ParallelContext, init_parallel
 from megatron_t1.mcore.rl_forward import compute_logprobs, rl_forward_step
 from megatron_t1.mcore.train_step import SkipGuard, StepResult, build_optimizer, train_step
-from megatron_t1.reward import RewardScorer
+from megatron_t1.reward import DETECTORS, RewardScorer
 from megatron_t1.rl.advantage import t1_advantages, token_advantages
 from megatron_t1.rl.kl import finish_response_kl, response_kl_parts
 from megatron_t1.rl.mismatch import logprob_mismatch, truncated_is_weights
@@ -181,6 +181,9 @@ class Rollouts:
 
     items: list[PromptItem]
     gens: list[PromptCompletions]
+    detector_rates: dict[str, float] = field(default_factory=dict)
+    """Share of the responses each -1 detector fired on (``overlong``, ``repetition``, ``garbage``), set
+    by :func:`score_phase` whether or not ``reward.penalty`` punishes them (its ablation sets it to 0)."""
 
     def completions(self) -> list:
         return [c for g in self.gens for c in g.completions]
@@ -206,12 +209,14 @@ def score_phase(run: RLRun, ro: Rollouts) -> torch.Tensor:
     """T1's rule-based rewards {1, 0, -1} on rank 0, broadcast: [prompts, K] float32."""
     K = run.cfg.rollout.n_samples
     flat = ro.completions()
-    rewards = None
+    out = None
     if run.scorer is not None:
         golds = [it.answer for it in ro.items for _ in range(K)]
         scored = run.scorer.score([c.text for c in flat], golds, truncated=[c.truncated for c in flat])
-        rewards = torch.tensor(list(scored.rewards), dtype=torch.float32)
-    return run.rollout.broadcast(rewards).view(len(ro.items), K)
+        rates = {d: scored.metrics.get(f"reward/penalty/{d}", 0.0) for d in DETECTORS}
+        out = (torch.tensor(list(scored.rewards), dtype=torch.float32), rates)
+    rewards, ro.detector_rates = run.rollout.broadcast(out)
+    return rewards.view(len(ro.items), K)
 
 
 @dataclass
@@ -419,13 +424,25 @@ def best_step(evals: dict[int, float]) -> int | None:
     return max(evals, key=lambda step: (evals[step], step)) if evals else None
 
 
+def heldout_eval(run: RLRun) -> dict[str, float]:
+    """``cfg.eval``'s held-out accuracy of the synced engines; with ``eval.sampled_size``, also
+    ``heldout_sampled_accuracy`` (+ stderr, length) of one sample per problem at the rollout temperature."""
+    cfg = run.cfg
+    res = run.rollout.evaluate(run.heldout, cfg, run.tokenizer)
+    if cfg.eval.sampled_size:
+        at_t = replace(cfg, eval=replace(cfg.eval, temperature=cfg.rollout.temperature, n_samples=1))
+        sampled = run.rollout.evaluate(run.heldout[: cfg.eval.sampled_size], at_t, run.tokenizer)
+        res |= {k.replace("heldout_", "heldout_sampled_"): v for k, v in sampled.items()}
+    return res
+
+
 def initial_eval_phase(run: RLRun) -> None:
     """With ``eval.eval_every`` and ``eval.eval_at_start``, a fresh run first evaluates (and logs as
     step 0) the starting policy."""
     ev = run.cfg.eval
     if run.heldout and ev.eval_every and ev.eval_at_start and run.start == 0:
         t = time.perf_counter()
-        res = run.rollout.evaluate(run.heldout, run.cfg, run.tokenizer)
+        res = heldout_eval(run)
         run.logger.step(0, {**res, "eval_s": time.perf_counter() - t}, advance=False)
 
 
@@ -435,7 +452,7 @@ def eval_phase(run: RLRun, done: int, times: dict[str, float]) -> dict[str, floa
     cfg, ev = run.cfg, {}
     if run.heldout and (is_last(run, done) or (cfg.eval.eval_every and done % cfg.eval.eval_every == 0)):
         t = time.perf_counter()
-        ev = run.rollout.evaluate(run.heldout, cfg, run.tokenizer)
+        ev = heldout_eval(run)
         times["eval_s"] = time.perf_counter() - t
     if cfg.checkpoint.keep_best:
         if ev:
@@ -497,6 +514,7 @@ def log_phase(
         "penalty_rate": float((rewards < 0).float().mean()),
         "response_len": float(lengths.mean()),
         "truncated_rate": float(sum(c.truncated for c in flat) / max(len(flat), 1)),
+        **{f"{d}_rate": r for d, r in ro.detector_rates.items() if d != "overlong"},  # overlong: truncated
         "kl_anchor": float(passes.kl.mean()),
         "adv_mean": float(a.mean()),
         "adv_abs": float(a.abs().mean()),
