@@ -192,9 +192,9 @@ class ParallelConfig:
     expert_model_parallel_size: int = 1
     """EP degree: the experts of each MoE layer are split over EP ranks (``model.num_experts`` must be
     divisible by it). As in Megatron-Core, EP ranks are taken from the data-parallel ranks (the expert
-    layers keep TP and PP, so EP must divide DP = world / (TP x PP)). EP > 1 is checked for forward
-    logits only (tests/dist/test_convert_dist.py); SFT and RL refuse it (not supported yet: the
-    optimizer's expert groups, checkpoints and weight sync are untested under EP)."""
+    layers keep TP and PP, so EP must divide DP = world / (TP x PP)). Expert gradients are reduced
+    over the expert-data-parallel group (DP / EP ranks), the rest over DP; checkpoints, the anchor
+    and the weight sync shard and gather experts over EP (tests/dist/test_moe_train.py)."""
     sequence_parallel: bool = False
     """Megatron sequence parallelism (TP > 1, GPU with TransformerEngine only)."""
     use_distributed_optimizer: bool = False
@@ -591,11 +591,6 @@ class Config:
     def _validate_stage(self, stage: str) -> None:
         if stage not in ("sft", "rl"):
             raise ValueError(f"stage must be 'sft' or 'rl', got {stage!r}")
-        if self.parallel.ep > 1:
-            raise ConfigError(
-                f"parallel.expert_model_parallel_size={self.parallel.ep}: training with expert "
-                "parallelism is not supported yet (only 1)"
-            )
         if not self.data.train_path:
             need = (
                 "an SFT dataset (jsonl or parquet with 'messages')"

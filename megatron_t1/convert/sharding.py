@@ -92,19 +92,25 @@ def merge_tp(shards: Sequence[torch.Tensor], rule: TPRule, *, name: str = "tenso
     raise ConvertError(f"{name}: unknown TP rule {rule!r}")
 
 
-def check_layout(mc: Any, *, tp: int = 1, pp: int = 1, vpp: int | None = None) -> None:
-    """Raise :class:`ConvertError` naming the first size that the layout cannot split."""
+def check_layout(mc: Any, *, tp: int = 1, pp: int = 1, vpp: int | None = None, ep: int = 1) -> None:
+    """Raise :class:`ConvertError` naming the first size that the layout cannot split (``ep``: expert
+    parallel size; experts keep TP, so their width must split over TP too)."""
     d = Dims.of(mc, tp=tp)
-    if tp < 1 or pp < 1:
-        raise ConvertError(f"--tp and --pp must be >= 1, got tp={tp} pp={pp}")
-    for what, n in (
+    if tp < 1 or pp < 1 or ep < 1:
+        raise ConvertError(f"--tp, --pp and --ep must be >= 1, got tp={tp} pp={pp} ep={ep}")
+    sizes = [
         ("num_attention_heads", d.heads),
         ("num_query_groups (key/value heads)", d.groups),
         ("ffn_hidden_size", d.ffn),
         ("padded vocab size", d.padded_vocab),
-    ):
+    ]
+    if d.experts:
+        sizes.append(("moe_ffn_hidden_size (expert width)", d.expert_ffn))
+    for what, n in sizes:
         if n % tp:
             raise ConvertError(f"model {what}={n} is not divisible by tensor parallel size {tp}")
+    if ep > 1 and (d.experts or 0) % ep:
+        raise ConvertError(f"model num_experts={d.experts} is not divisible by expert parallel size {ep}")
     stages = pp * (vpp or 1)
     if d.layers % stages:
         raise ConvertError(f"model num_layers={d.layers} is not divisible by {stages} pipeline stages")
@@ -146,6 +152,12 @@ def shift_layer(name: str, offset: int) -> str:
 
 
 _EXPERT = re.compile(r"^(.*\.mlp\.experts\.local_experts\.)(\d+)(\..*)$")
+
+
+def expert_index(name: str) -> int | None:
+    """The expert index in a ``SequentialMLP`` name (``...mlp.experts.local_experts.E....``), else None."""
+    m = _EXPERT.match(name)
+    return int(m.group(2)) if m else None
 
 
 def shift_expert(name: str, offset: int) -> str:

@@ -12,8 +12,10 @@ producing it takes collectives:
    gathered). Each full tensor is written straight from the gathered ``[tp, ...]`` buffer into its
    slot of the bucket's full buffer with one strided copy (:func:`merge_gathered`, the inverse of
    :func:`megatron_t1.convert.sharding.split_tp`; tested against ``merge_tp``).
-3. **Send across PP**: the full bucket is broadcast from the owner stage over the PP group, so
-   every rank ends with the same full tensors.
+3. **Send across EP, then PP**: under expert parallelism an expert's bucket lives on one EP rank of
+   its stage (experts never share a bucket with tensors of another EP rank); it is broadcast from
+   there over the EP group. Then the full bucket is broadcast from the owner stage over the PP
+   group, so every rank ends with the same full tensors.
 4. **Name**: each full tensor goes through the converter's ``to_hf`` (QKV split per KV group,
    ``[gate; up]`` split, vocabulary padding dropped) and is yielded with its HF name.
 
@@ -38,7 +40,7 @@ from megatron.core import parallel_state as ps
 from megatron_t1.config import Config
 from megatron_t1.convert.maps import ArchSpec, ConvertError, Dims, TensorMap, TPRule, to_hf
 from megatron_t1.convert.registry import spec_for_arch
-from megatron_t1.convert.sharding import layer_offset, layer_range, shift_layer
+from megatron_t1.convert.sharding import expert_index, layer_offset, layer_range, shift_expert, shift_layer
 from megatron_t1.mcore.convert_io import _local_spec_name
 from megatron_t1.mcore.model import unwrap
 
@@ -57,6 +59,8 @@ class ExportItem:
     """Model chunk (virtual stage) on that rank (0 without VPP)."""
     local_shape: tuple[int, ...]
     """Shape of one TP shard (the full shape for replicated tensors)."""
+    ep_rank: int | None = None
+    """EP rank that holds this expert tensor; None: every EP rank has it (all but routed experts)."""
 
     @property
     def gathered(self) -> bool:
@@ -65,10 +69,14 @@ class ExportItem:
 
 @dataclass(frozen=True)
 class Bucket:
-    """Consecutive plan items of one stage whose full tensors fit in one buffer."""
+    """Consecutive plan items of one stage (and one EP rank) whose full tensors fit in one buffer."""
 
     pp_rank: int
     items: tuple[ExportItem, ...]
+
+    @property
+    def ep_rank(self) -> int | None:
+        return self.items[0].ep_rank
 
     @property
     def full_numel(self) -> int:
@@ -105,14 +113,17 @@ def export_plan(
     tp: int,
     pp: int,
     vpp: int | None = None,
+    ep: int = 1,
     bucket_mb: float = DEFAULT_BUCKET_MB,
     spec: ArchSpec | None = None,
     dtype_bytes: int = 4,
 ) -> list[Bucket]:
-    """The buckets of a model at layout ``tp`` x ``pp`` (x ``vpp``), from the config alone.
+    """The buckets of a model at layout ``tp`` x ``pp`` (x ``vpp``, x ``ep`` experts), from the config
+    alone.
 
     Order: the converter's checkpoint order (embedding, layers, final norm, head); with tied
-    embeddings the head is the embedding and is not in the plan.
+    embeddings the head is the embedding and is not in the plan. A bucket holds the tensors of one
+    stage and, under EP, of one EP rank (routed experts) or of all (everything else).
     """
     spec = spec or spec_for_arch(cfg.model.arch)
     maps = spec.tensor_maps(cfg.model, tp=tp)
@@ -123,6 +134,7 @@ def export_plan(
         for v in range(chunks):
             for i in layer_range(layers, pp, p, vpp, v if vpp else None):
                 owner_of_layer[i] = (p, v)
+    per_ep_rank = (cfg.model.num_experts or 0) // ep
     limit = max(1, int(bucket_mb * 2**20))
     buckets: list[Bucket] = []
     current: list[ExportItem] = []
@@ -134,9 +146,13 @@ def export_plan(
             p, v = 0, 0
         else:  # final norm, output layer
             p, v = pp - 1, chunks - 1
-        item = ExportItem(tm, p, v, local_shape(tm.shape, tm.tp, tp))
+        e = expert_index(tm.mcore)
+        owner = e // per_ep_rank if e is not None and ep > 1 else None
+        item = ExportItem(tm, p, v, local_shape(tm.shape, tm.tp, tp), owner)
         nbytes = _numel(tm.shape) * dtype_bytes
-        if current and (current[0].pp_rank != p or current_bytes + nbytes > limit):
+        if current and (
+            (current[0].pp_rank, current[0].ep_rank) != (p, owner) or current_bytes + nbytes > limit
+        ):
             buckets.append(Bucket(current[0].pp_rank, tuple(current)))
             current, current_bytes = [], 0
         current.append(item)
@@ -185,15 +201,20 @@ def merge_gathered(dst: torch.Tensor, gathered: torch.Tensor, rule: TPRule, tp: 
         raise ConvertError(f"unknown TP rule {rule!r}")
 
 
-def _local_params(model_chunks: Sequence[torch.nn.Module], cfg: Config, pp: int, pp_rank: int):
-    """``{(global local-spec name, vp_stage): parameter}`` of this rank's chunks."""
+def _local_params(
+    model_chunks: Sequence[torch.nn.Module], cfg: Config, pp: int, pp_rank: int, ep: int = 1, ep_rank: int = 0
+):
+    """``{(global local-spec name, vp_stage): parameter}`` of this rank's chunks (global layer and
+    expert indices)."""
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size
+    expert_offset = ep_rank * (cfg.model.num_experts or 0) // ep
     out: dict[tuple[str, int], torch.Tensor] = {}
     for v, chunk in enumerate(model_chunks):
         model = unwrap(chunk)
         offset = layer_offset(cfg.model.num_layers, pp, pp_rank, vpp, v if vpp else None)
         for local_name, param in model.named_parameters():
-            out[(_local_spec_name(shift_layer(local_name, offset)), v)] = param
+            name = shift_expert(shift_layer(local_name, offset), expert_offset)
+            out[(_local_spec_name(name), v)] = param
     return out
 
 
@@ -229,13 +250,15 @@ def iter_hf_buckets(
     include_tied_lm_head: bool = False,
     tp_group: dist.ProcessGroup | None = None,
     pp_group: dist.ProcessGroup | None = None,
+    ep_group: dist.ProcessGroup | None = None,
     spec: ArchSpec | None = None,
     buffers: ExportBuffers | None = None,
 ) -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Yield, bucket by bucket, ``[(hf_name, full tensor)]`` of the whole model on every rank.
 
-    Must be iterated to the end on every rank of the replica (collectives). Groups default to
-    Megatron's TP and PP groups (after ``init_parallel``).
+    Must be iterated to the end on every rank of the replica (collectives; under EP the replica
+    spans the EP ranks too). Groups default to Megatron's TP, PP and EP groups (after
+    ``init_parallel``; the EP group only when ``parallel.expert_model_parallel_size > 1``).
 
     Pipelined: bucket k+1 is packed and its TP ``all_gather`` started (asynchronously) before
     bucket k is merged and handed to the consumer, so the transfer overlaps the engine's copy.
@@ -247,23 +270,29 @@ def iter_hf_buckets(
     pp_group = pp_group if pp_group is not None else ps.get_pipeline_model_parallel_group()
     tp = dist.get_world_size(tp_group)
     pp, pp_rank = dist.get_world_size(pp_group), dist.get_rank(pp_group)
+    if ep_group is None and cfg.model.num_experts and cfg.parallel.ep > 1:
+        ep_group = ps.get_expert_model_parallel_group()
+    ep, ep_rank = (dist.get_world_size(ep_group), dist.get_rank(ep_group)) if ep_group is not None else (1, 0)
     vpp = cfg.parallel.virtual_pipeline_model_parallel_size
-    params = _local_params(model_chunks, cfg, pp, pp_rank)
+    params = _local_params(model_chunks, cfg, pp, pp_rank, ep, ep_rank)
     dtypes = {p.dtype for p in params.values()}
     if len(dtypes) != 1:
         raise ConvertError(f"export needs one parameter dtype, this rank has {sorted(map(str, dtypes))}")
     dtype = dtypes.pop()
     device = next(iter(params.values())).device
     d = Dims.of(cfg.model)
-    plan = export_plan(cfg, tp=tp, pp=pp, vpp=vpp, bucket_mb=bucket_mb, spec=spec, dtype_bytes=dtype.itemsize)
+    plan = export_plan(
+        cfg, tp=tp, pp=pp, vpp=vpp, ep=ep, bucket_mb=bucket_mb, spec=spec, dtype_bytes=dtype.itemsize
+    )
     buffers = buffers if buffers is not None else ExportBuffers()
     max_full = max(b.full_numel for b in plan)
     max_local = max(b.local_numel for b in plan)
 
     def start(k: int):
-        """Owner stage of bucket k: pack its shards into slot k % 2 and launch the TP gather."""
+        """Owner stage (and EP rank) of bucket k: pack its shards into slot k % 2 and launch the TP
+        gather."""
         bucket, slot = plan[k], k % 2
-        if bucket.pp_rank != pp_rank:
+        if bucket.pp_rank != pp_rank or bucket.ep_rank not in (None, ep_rank):
             return None
         packed = buffers.get("packed", slot, max_local, dtype, device)[: bucket.local_numel]
         offset = 0
@@ -287,6 +316,8 @@ def iter_hf_buckets(
         full = buffers.get("full", k % 2, max_full, dtype, device)[: bucket.full_numel]
         if current is not None:
             _merge_bucket(full, bucket, current[0], params)
+        if bucket.ep_rank is not None and bucket.pp_rank == pp_rank:
+            dist.broadcast(full, group=ep_group, group_src=bucket.ep_rank)
         if pp > 1:
             dist.broadcast(full, group=pp_group, group_src=bucket.pp_rank)
         out: list[tuple[str, torch.Tensor]] = []

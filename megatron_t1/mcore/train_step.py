@@ -12,6 +12,7 @@ micro-batches and DP ranks and reports ``sum / count`` once per step (no ``.item
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from megatron_t1.config import Config
 from megatron_t1.errors import TrainingError
 from megatron_t1.mcore.forward import schedule_iterators
 from megatron_t1.mcore.model import unwrap
+from megatron_t1.mcore.moe import RouterLoad
 
 
 @dataclass
@@ -40,6 +42,8 @@ class StepResult:
     tokens: int
     skipped: bool
     metrics: dict[str, float] = field(default_factory=dict)
+    moe: dict[str, float] = field(default_factory=dict)
+    """MoE router load balance of the step (:mod:`megatron_t1.mcore.moe`); empty for a dense model."""
 
 
 def build_optimizer(cfg: Config, chunks: Sequence[torch.nn.Module]):
@@ -177,15 +181,17 @@ def train_step(
         c.zero_grad_buffer()
     optimizer.zero_grad()
     fb = get_forward_backward_func()
-    outputs = fb(
-        forward_step_func=forward_step_func,
-        data_iterator=schedule_iterators(microbatches, chunks),
-        model=list(chunks),
-        num_microbatches=len(microbatches),
-        seq_length=seq_length,
-        micro_batch_size=micro_batch_size,
-        forward_only=False,
-    )
+    load = RouterLoad.for_model(chunks)
+    with load.counting() if load is not None else contextlib.nullcontext():
+        outputs = fb(
+            forward_step_func=forward_step_func,
+            data_iterator=schedule_iterators(microbatches, chunks),
+            model=list(chunks),
+            num_microbatches=len(microbatches),
+            seq_length=seq_length,
+            micro_batch_size=micro_batch_size,
+            forward_only=False,
+        )
     if _nonfinite_grads(chunks):
         # Megatron's fp32 optimizer would step with NaN gradients (it only checks under a loss
         # scaler), so the check comes first: nothing is applied, Adam's moments stay untouched.
@@ -208,6 +214,7 @@ def train_step(
         tokens=int(tokens),
         skipped=skipped,
         metrics=metrics,
+        moe=load.metrics() if load is not None else {},
     )
 
 

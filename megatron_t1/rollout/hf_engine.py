@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 from collections.abc import Iterable, Sequence
 
 import torch
@@ -75,6 +76,31 @@ def inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     cdf = probs.cumsum(-1)
     tok = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).squeeze(1)
     return tok.clamp_(max=probs.shape[-1] - 1)
+
+
+# A per-expert checkpoint name (HF's safetensors, our export, vLLM's loader) of an MoE layer.
+_EXPERT_NAME = re.compile(r"^(.*\.experts)\.(\d+)\.(gate|up|down)_proj\.weight$")
+
+
+def expert_target(name: str, targets: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The slice of a fused expert parameter that checkpoint tensor ``name`` fills, else None.
+
+    transformers >= 5 keeps each MoE layer's experts as two fused parameters, ``experts.gate_up_proj``
+    ``[E, 2F, H]`` (gate rows, then up rows) and ``experts.down_proj`` ``[E, H, F]``, and converts
+    the per-expert tensors of the checkpoint (``experts.E.{gate,up,down}_proj.weight``) on load; a
+    weight update arrives under those checkpoint names.
+    """
+    m = _EXPERT_NAME.match(name)
+    if m is None:
+        return None
+    prefix, e, which = m.group(1), int(m.group(2)), m.group(3)
+    fused = targets.get(f"{prefix}.{'down_proj' if which == 'down' else 'gate_up_proj'}")
+    if fused is None or e >= fused.shape[0]:
+        return None
+    if which == "down":
+        return fused[e]
+    half = fused.shape[1] // 2
+    return fused[e, :half] if which == "gate" else fused[e, half:]
 
 
 def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -287,19 +313,22 @@ class HFEngine:
     @torch.no_grad()
     def update_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Copy HF-named tensors into the model in place (cast to its dtype). ``lm_head.weight`` of
-        a tied model is the embedding itself, so sending it too is harmless. Unknown names and
-        shape mismatches raise ``ValueError`` naming the tensor."""
-        targets = self.model.state_dict(keep_vars=True)
+        a tied model is the embedding itself, so sending it too is harmless. Per-expert tensors of an
+        MoE model go into their slice of the fused expert parameters (:func:`expert_target`).
+        Unknown names and shape mismatches raise ``ValueError`` naming the tensor."""
+        targets = {n: t.data for n, t in self.model.state_dict(keep_vars=True).items()}
         loaded = 0
         for name, tensor in named_tensors:
             dst = targets.get(name)
+            if dst is None:
+                dst = expert_target(name, targets)
             if dst is None:
                 raise ValueError(f"update_weights: {name} is not a tensor of the rollout model")
             if tuple(dst.shape) != tuple(tensor.shape):
                 raise ValueError(
                     f"update_weights: {name} has shape {tuple(tensor.shape)}, the model {tuple(dst.shape)}"
                 )
-            dst.data.copy_(tensor)
+            dst.copy_(tensor)
             loaded += 1
         return loaded
 

@@ -401,6 +401,7 @@ class Update:
             "skipped": float(self.skipped),
             "anchor_reset": 1.0 if "reset" in self.anchor_actions else 0.0,
             **{f"m/{key}": sum(r.metrics.get(key, 0.0) for r in rs) / len(rs) for key in rs[-1].metrics},
+            **{key: sum(r.moe.get(key, 0.0) for r in rs) / len(rs) for key in rs[-1].moe},
         }
 
 
@@ -525,7 +526,7 @@ def log_phase(
         **batch.plan_stats(),
         **run.rollout.stats,
         **sync_metrics,
-        **{key: v for key, v in up.items() if key.startswith("m/")},
+        **{key: v for key, v in up.items() if key.startswith(("m/", "moe/"))},
         **ev,
         **times,
     }

@@ -120,7 +120,7 @@ def run_sft(cfg: Config) -> dict:
             logger.info(f"step {done}: non-finite gradient norm, update skipped")
         guard.update(res.skipped, done)
         if done % cfg.log.interval == 0 or done == cfg.run.train_steps:
-            scalars = {"loss": res.loss, "lr": res.lr, "grad_norm": res.grad_norm}
+            scalars = {"loss": res.loss, "lr": res.lr, "grad_norm": res.grad_norm, **res.moe}
             logger.step(done, scalars, tokens=tokens_since_log)
             tokens_since_log = 0
         last = done == cfg.run.train_steps

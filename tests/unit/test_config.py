@@ -245,9 +245,7 @@ def test_moe_fields_and_expert_parallel_validation():
     with pytest.raises(ConfigError, match="expert_model_parallel_size > 1 needs model.num_experts"):
         Config(parallel=p).validate()
     cfg = Config(model=ModelConfig(num_experts=4), parallel=p, data=DataConfig(train_path="x.jsonl"))
-    cfg.validate(world_size=4)  # a forward check may use EP = 2 ...
-    with pytest.raises(ConfigError, match="training with expert parallelism is not supported yet"):
-        cfg.validate(world_size=4, stage="sft")  # ... training may not, yet
+    cfg.validate(world_size=4, stage="sft")  # EP takes its ranks from DP = 4 / TP
 
 
 def test_hf_config_in_yaml_and_conflicts(tmp_path):

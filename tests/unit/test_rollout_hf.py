@@ -354,3 +354,31 @@ def test_build_engine_from_config(tokenizer, tmp_path):
     assert len(out[0].completions) == 2
     with pytest.raises(ValueError, match="rollout.engine"):
         build_engine(type("C", (), {"engine": "tgi"})(), str(tmp_path))
+
+
+def test_update_weights_fills_fused_experts(tokenizer, tmp_path):
+    """transformers >= 5 fuses a Qwen3-MoE layer's experts (``gate_up_proj`` [E, 2F, H],
+    ``down_proj`` [E, H, F]); the update arrives per expert, under the checkpoint's names."""
+    from tests.unit.test_convert_ckpt import build_hf_model, hf_tensors
+
+    src = build_hf_model("qwen3_moe", seed=0)
+    src.save_pretrained(tmp_path / "src")
+    named = hf_tensors(tmp_path / "src")  # per-expert names, as our export and vLLM's loader use
+    assert "model.layers.0.mlp.experts.3.gate_proj.weight" in named
+    eng = HFEngine(build_hf_model("qwen3_moe", seed=1), tokenizer)
+    seqs = [[1, 2, 3, 4, 5, 6], [9, 8, 7, 6, 5, 4]]
+    with torch.no_grad():
+        ref = torch.log_softmax(src(torch.tensor(seqs)).logits[:, :-1], -1)
+    ref = ref.gather(-1, torch.tensor(seqs)[:, 1:, None])[..., 0]
+    assert (torch.stack(eng.score(seqs)) - ref).abs().max() > 0.1
+    assert eng.update_weights(iter(named.items())) == len(named)
+    assert (torch.stack(eng.score(seqs)) - ref).abs().max() < 1e-5
+    # gate and up are different halves: swapping them is not the same model
+    swapped = {
+        n.replace("gate_proj", "TMP").replace("up_proj", "gate_proj").replace("TMP", "up_proj"): t
+        for n, t in named.items()
+    }
+    eng.update_weights(iter(swapped.items()))
+    assert (torch.stack(eng.score(seqs)) - ref).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="experts.4.down_proj.weight is not a tensor"):
+        eng.update_weights([("model.layers.0.mlp.experts.4.down_proj.weight", torch.zeros(64, 32))])
