@@ -1,10 +1,14 @@
-"""Checkpoint conversion: wall time vs ``cp`` and peak memory, HF -> mcore (TP=2) -> HF.
+"""Checkpoint conversion: wall time vs ``cp`` and peak memory, HF -> mcore -> HF.
 
-    python bench/convert.py                  # ~2.4 GB synthetic Qwen2-shaped model (bf16)
+    python bench/convert.py                  # ~2.4 GB synthetic Qwen2-shaped model (bf16), TP=2
     python bench/convert.py --layers 4       # smaller, quicker
+    python bench/convert.py --arch qwen3_moe --tp 1 --ep 2   # ~1.9 GB synthetic Qwen3-MoE, 1,536 experts
 
-A synthetic model with Qwen2.5-1.5B shapes (hidden 1536, FFN 8960, 12 query / 2 key-value heads,
-vocab 151936, untied head; layers chosen to pass 2 GB) is written as HF safetensors. Each direction
+A synthetic model is written as HF safetensors: ``qwen2`` with Qwen2.5-1.5B shapes (hidden 1536,
+FFN 8960, 12 query / 2 key-value heads, vocab 151936, untied head; layers chosen to pass 2 GB), or
+``qwen3_moe`` with Qwen3-MoE's layout at a smaller width (hidden 1024, 16 query / 4 key-value heads
+of 128, q/k norms, 64 experts of 384 per layer, top 8, vocab 151936, untied head, 8 layers: 1.9 GB,
+of which 1.2 GB in 1,536 expert tensors of 0.79 MB). Each direction
 runs in a fresh subprocess: imports first, then the post-import RSS baseline is taken and the
 kernel's peak-RSS counter reset (``/proc/self/clear_refs``), then the timed conversion; the peak
 (``VmHWM``) minus the baseline is reported. ``cp -r`` of the same input folder is timed in the same
@@ -35,7 +39,7 @@ def _rss_bytes(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def worker(direction: str, src: str, dst: str, tp: int, dtype: str | None) -> None:
+def worker(direction: str, src: str, dst: str, tp: int, ep: int, dtype: str | None) -> None:
     """Run one conversion after imports; print {"seconds", "peak_above_baseline", "baseline"}."""
     import torch
 
@@ -46,7 +50,7 @@ def worker(direction: str, src: str, dst: str, tp: int, dtype: str | None) -> No
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM (peak RSS) to the current RSS
     t0 = time.perf_counter()
     if direction == "hf-to-mcore":
-        hf_to_mcore(src, dst, tp=tp, dtype=dtype, progress=False)
+        hf_to_mcore(src, dst, tp=tp, ep=ep, dtype=dtype, progress=False)
     else:
         mcore_to_hf(src, dst, progress=False)
     seconds = time.perf_counter() - t0
@@ -65,47 +69,63 @@ def worker(direction: str, src: str, dst: str, tp: int, dtype: str | None) -> No
     )
 
 
-def make_model(root: Path, layers: int, seed: int = 0) -> tuple[Path, int, int]:
-    """Write the synthetic HF folder; returns (folder, total bytes, largest tensor bytes)."""
+def bench_model_config(arch: str, layers: int):
+    """The synthetic model's ModelConfig (shapes in the module docstring)."""
+    from megatron_t1.config import ModelConfig
+
+    common = dict(num_layers=layers, vocab_size=151936, max_position_embeddings=4096, rope_theta=1e6)
+    if arch == "qwen2":
+        return ModelConfig(
+            arch="qwen2",
+            hidden_size=1536,
+            ffn_hidden_size=8960,
+            num_attention_heads=12,
+            num_query_groups=2,
+            add_qkv_bias=True,
+            tie_word_embeddings=False,
+            **common,
+        )
+    return ModelConfig(
+        arch="qwen3_moe",
+        hidden_size=1024,
+        ffn_hidden_size=3072,
+        num_attention_heads=16,
+        num_query_groups=4,
+        kv_channels=128,
+        add_qkv_bias=False,
+        qk_layernorm=True,
+        num_experts=64,
+        moe_router_topk=8,
+        moe_ffn_hidden_size=384,
+        tie_word_embeddings=False,
+        **common,
+    )
+
+
+def make_model(root: Path, arch: str, layers: int, seed: int = 0) -> tuple[Path, int, int, int]:
+    """Write the synthetic HF folder; returns (folder, total bytes, HF tensors, largest tensor bytes)."""
     import torch
 
-    from megatron_t1.config import ModelConfig
     from megatron_t1.convert.hf_io import SafetensorsShardWriter
-    from megatron_t1.convert.qwen2 import SPEC, hf_config
+    from megatron_t1.convert.maps import Dims, expected_hf_shapes
+    from megatron_t1.convert.registry import spec_for_arch
 
-    mc = ModelConfig(
-        arch="qwen2",
-        num_layers=layers,
-        hidden_size=1536,
-        ffn_hidden_size=8960,
-        num_attention_heads=12,
-        num_query_groups=2,
-        vocab_size=151936,
-        max_position_embeddings=4096,
-        rope_theta=1e6,
-        add_qkv_bias=True,
-        tie_word_embeddings=False,
-    )
+    mc = bench_model_config(arch, layers)
+    spec = spec_for_arch(arch)
     d = root / "hf"
     d.mkdir(parents=True)
-    from megatron_t1.convert.maps import Dims, expected_hf_shapes
-
     dims = Dims.of(mc)
-    plan = [
-        (n, s, torch.bfloat16)
-        for tm in SPEC.tensor_maps(mc)
-        for n, s in zip(tm.hf, expected_hf_shapes(tm, dims))
-    ]
+    maps = spec.tensor_maps(mc)
+    plan = [(n, s, torch.bfloat16) for tm in maps for n, s in zip(tm.hf, expected_hf_shapes(tm, dims))]
     w = SafetensorsShardWriter(d, plan, max_shard_bytes=2**30)
     g = torch.Generator().manual_seed(seed)
     for name, shape, dt in plan:
         w.write(name, (torch.randn(shape, generator=g) * 0.02).to(dt))
     w.finish()
-    (d / "config.json").write_text(json.dumps(hf_config(mc, "bfloat16"), indent=2))
-    largest = max(torch.Size(s).numel() * 2 for _, s, _ in plan)
-    # Megatron's fused tensors (qkv, fc1 = [gate; up]) are larger than any HF part: count them too.
-    largest = max(largest, 2 * mc.ffn_hidden_size * mc.hidden_size * 2)
-    return d, w.total_bytes, largest
+    (d / "config.json").write_text(json.dumps(spec.hf_config(mc, "bfloat16"), indent=2))
+    # Megatron's fused tensors (qkv, fc1 = [gate; up]) are larger than their HF parts: count them.
+    largest = max(torch.Size(tm.shape).numel() * 2 for tm in maps)
+    return d, w.total_bytes, len(plan), largest
 
 
 def folder_bytes(p: Path) -> int:
@@ -122,10 +142,10 @@ def timed_cp(src: Path, dst: Path) -> tuple[float, float]:
     return t1, time.perf_counter() - t0
 
 
-def run_worker(direction: str, src: Path, dst: Path, tp: int, dtype: str = "none") -> dict:
+def run_worker(direction: str, src: Path, dst: Path, tp: int, ep: int, dtype: str = "none") -> dict:
     os.sync()
     out = subprocess.run(
-        [sys.executable, __file__, "--worker", direction, str(src), str(dst), str(tp), dtype],
+        [sys.executable, __file__, "--worker", direction, str(src), str(dst), str(tp), str(ep), dtype],
         check=True,
         capture_output=True,
         text=True,
@@ -146,8 +166,15 @@ def same_tensors(a: Path, b: Path) -> bool:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--layers", type=int, default=16, help="decoder layers (16: ~2.4 GB)")
+    p.add_argument("--arch", choices=["qwen2", "qwen3_moe"], default="qwen2", help="synthetic model family")
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="decoder layers (default 16 for qwen2: ~2.4 GB; 8 for qwen3_moe)",
+    )
     p.add_argument("--tp", type=int, default=2)
+    p.add_argument("--ep", type=int, default=1, help="expert parallel size hf-to-mcore checks (qwen3_moe)")
     p.add_argument(
         "--reps", type=int, default=3, help="repetitions (medians are reported: the page cache is noisy)"
     )
@@ -158,19 +185,21 @@ def main() -> None:
     )
     p.add_argument("--workdir", default=None, help="scratch folder (default: a temp dir, deleted)")
     p.add_argument(
-        "--worker", nargs=5, metavar=("DIRECTION", "SRC", "DST", "TP", "DTYPE"), help=argparse.SUPPRESS
+        "--worker", nargs=6, metavar=("DIRECTION", "SRC", "DST", "TP", "EP", "DTYPE"), help=argparse.SUPPRESS
     )
     args = p.parse_args()
     if args.worker:
-        direction, src, dst, tp, dtype = args.worker
-        worker(direction, src, dst, int(tp), None if dtype == "none" else dtype)
+        direction, src, dst, tp, ep, dtype = args.worker
+        worker(direction, src, dst, int(tp), int(ep), None if dtype == "none" else dtype)
         return
+    layers = args.layers or (16 if args.arch == "qwen2" else 8)
     root = Path(args.workdir or tempfile.mkdtemp(prefix="bench_convert_"))
     try:
-        hf, total, largest = make_model(root, args.layers)
+        hf, total, n_tensors, largest = make_model(root, args.arch, layers)
         runs: dict[str, list[tuple[dict, tuple[float, float]]]] = {}
+        layout = f"TP={args.tp}" + (f", EP={args.ep}" if args.ep > 1 else "")
         cases = [
-            ("HF -> mcore (TP=2)", hf, "mcore", "hf-to-mcore", "none"),
+            (f"HF -> mcore ({layout})", hf, "mcore", "hf-to-mcore", "none"),
             ("mcore -> HF", None, "hf_out", "mcore-to-hf", "none"),
         ]
         if args.dtype_path:
@@ -180,7 +209,7 @@ def main() -> None:
             for name, src, dst, direction, dtype in cases:
                 src = src or root / "mcore"
                 cp = timed_cp(src, root / "copy")
-                r = run_worker(direction, src, root / dst, args.tp, dtype)
+                r = run_worker(direction, src, root / dst, args.tp, args.ep, dtype)
                 runs.setdefault(name, []).append((r, cp, folder_bytes(src)))
                 shutil.rmtree(root / "copy")
             ok = ok and same_tensors(hf, root / "hf_out")
@@ -188,7 +217,8 @@ def main() -> None:
                 shutil.rmtree(root / dst)
         budget = 2 * largest + 0.3 * GB
         print(
-            f"model: {total / GB:.2f} GB bf16, {args.layers} layers, largest tensor {largest / GB:.3f} GB "
+            f"model: {args.arch}, {total / GB:.2f} GB bf16, {layers} layers, {n_tensors} HF tensors, "
+            f"largest tensor {largest / GB:.3f} GB "
             f"(peak budget 2x + 0.3 = {budget / GB:.3f} GB); round trip bitwise identical: {ok}"
         )
         print(

@@ -5,10 +5,12 @@
     python tools/convert_ckpt.py mcore-to-hf --mcore-dir runs/rl/checkpoints --out export/qwen32b-t1
     python tools/convert_ckpt.py verify --hf-dir Qwen2.5-32B --mcore-dir ckpt/qwen32b --tp 2
 
-Supported HF architectures: Qwen2ForCausalLM, LlamaForCausalLM, GlmForCausalLM. Conversion streams
-tensor by tensor (bytes are copied file to file unless --dtype changes them; then one tensor at a
-time is in memory) and writes into a temporary folder renamed at the end. The logic lives in
-megatron_t1.convert (pure, no megatron import) and megatron_t1.mcore.convert_io (verify).
+Supported HF architectures: Qwen2ForCausalLM, LlamaForCausalLM, GlmForCausalLM, Qwen3ForCausalLM and
+Qwen3MoeForCausalLM (experts are stored by global index, so an MoE checkpoint loads at any EP too;
+--ep only checks the split). Conversion streams tensor by tensor (bytes are copied file to file
+unless --dtype changes them; then one tensor at a time is in memory) and writes into a temporary
+folder renamed at the end. The logic lives in megatron_t1.convert (pure, no megatron import) and
+megatron_t1.mcore.convert_io (verify).
 """
 
 from __future__ import annotations
@@ -53,7 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
         "hf-to-mcore",
         help="HF safetensors folder -> Megatron torch_dist checkpoint",
         description="Write a Megatron distributed (torch_dist) checkpoint that "
-        "`--set checkpoint.init_from=DIR` loads at any TP/PP.",
+        "`--set checkpoint.init_from=DIR` loads at any TP/PP (and EP for MoE models).",
         epilog=HF_TO_MCORE_EXAMPLE,
         formatter_class=fmt,
     )
@@ -67,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
         "(and pad the vocabulary for); the checkpoint still loads at any TP",
     )
     a.add_argument("--pp", type=int, default=None, help="pipeline parallel size to check against")
+    a.add_argument(
+        "--ep", type=int, default=None, help="MoE: expert parallel size to check against (experts divisible)"
+    )
     a.add_argument("--dtype", choices=["bf16", "fp32"], default=None, help="stored dtype (default: as in HF)")
     a.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -124,7 +129,13 @@ def main(argv: list[str] | None = None) -> int:
             from megatron_t1.convert.offline import hf_to_mcore
 
             out = hf_to_mcore(
-                args.hf_dir, args.out, tp=args.tp, pp=args.pp, dtype=args.dtype, progress=not args.no_progress
+                args.hf_dir,
+                args.out,
+                tp=args.tp,
+                pp=args.pp,
+                ep=args.ep,
+                dtype=args.dtype,
+                progress=not args.no_progress,
             )
             print(f"wrote {out} in {time.perf_counter() - t0:.1f} s")
         elif args.command == "mcore-to-hf":

@@ -10,6 +10,10 @@ vocabulary padding), so a tensor is a list of row ranges of its sources (the *ro
   row-parallel layers saved at TP > 1): tensors pass through memory, one full tensor (plus a 64 MB
   buffer, or one chunk) at a time.
 
+MoE models (Qwen3-MoE) go the same way: each expert's ``linear_fc1`` / ``linear_fc2`` is one more
+full tensor, written as its (layer, expert) chunk of the stacked ``mlp.experts.experts.*`` keys
+(:mod:`megatron_t1.convert.torch_dist`), so memory stays one expert tensor whatever the model size.
+
 Output goes to a temporary sibling folder renamed at the very end (:func:`atomic_output_dir`).
 ``hf_to_mcore`` also stores the HF config and tokenizer files under ``<ckpt>/hf/`` so that
 ``mcore_to_hf`` can rebuild a complete HF folder without a template.
@@ -53,10 +57,11 @@ from megatron_t1.convert.registry import (
 )
 from megatron_t1.convert.sharding import check_layout
 from megatron_t1.convert.torch_dist import (
-    EXTRA_STATE_MODULES,
     MODEL_PREFIX,
+    UNFUSED_NORM_KEYS,
     TorchDistReader,
     TorchDistWriter,
+    extra_state_objects,
     read_checkpoint_metadata,
     resolve_checkpoint_dir,
     sharded_key,
@@ -71,6 +76,11 @@ _SHAPE_FIELDS = (
     ("intermediate_size", "ffn_hidden_size"),
     ("num_attention_heads", "num_attention_heads"),
     ("vocab_size", "vocab_size"),
+)
+_MOE_SHAPE_FIELDS = (
+    ("num_experts", "num_experts"),
+    ("num_experts_per_tok", "moe_router_topk"),
+    ("moe_intermediate_size", "expert_ffn"),
 )
 
 
@@ -155,15 +165,9 @@ def _assemble_converted(
     return out
 
 
-def _refuse_moe(mc: Any) -> None:
-    """MoE models have no torch_dist layout here yet: Megatron's ``SequentialMLP`` saves each layer's
-    experts as one tensor with an extra expert axis (``...mlp.experts.experts.linear_fc1.weight``),
-    which the writer and reader do not lay out. In-memory loading (``load_hf_into_model``) works."""
-    if getattr(mc, "num_experts", None):
-        raise ConvertError(
-            "MoE (model.num_experts) torch_dist checkpoint conversion is not supported yet; "
-            "load HF weights into a built model with megatron_t1.mcore.convert_io.load_hf_into_model"
-        )
+def _stacked(index: tuple[int, ...], d: Dims) -> tuple[int, ...]:
+    """Sizes of the stacked axes of a slot: ``()``, ``(layers,)`` or ``(layers, experts)``."""
+    return (d.layers, d.experts or 0)[: len(index)]
 
 
 def hf_to_mcore(
@@ -172,21 +176,23 @@ def hf_to_mcore(
     *,
     tp: int | None = None,
     pp: int | None = None,
+    ep: int | None = None,
     dtype: str | torch.dtype | None = None,
     progress: bool = True,
     file_bytes: int = 4 * 2**30,
     prefix: str = MODEL_PREFIX,
 ) -> Path:
-    """Convert an HF folder into a torch_dist checkpoint that loads at any TP/PP.
+    """Convert an HF folder into a torch_dist checkpoint that loads at any TP/PP (and EP).
 
-    ``tp`` / ``pp`` (default 1): the layout checked (heads, groups, FFN and layers divisible) and
-    the vocabulary padding stored. ``dtype``: ``bf16`` / ``fp32`` (default: as stored in HF).
+    ``tp`` / ``pp`` / ``ep`` (default 1): the layout checked (heads, groups, FFN, expert width and
+    layers divisible; experts divisible by ``ep``) and the vocabulary padding stored; experts are
+    stored by global index, so nothing else depends on the layout. ``dtype``: ``bf16`` / ``fp32``
+    (default: as stored in HF).
     """
-    tp, pp = tp or 1, pp or 1
+    tp, pp, ep = tp or 1, pp or 1, ep or 1
     out_dtype = parse_dtype(dtype) if isinstance(dtype, str) or dtype is None else dtype
     spec, mc, raw = model_config_from_hf_dir(hf_dir)
-    _refuse_moe(mc)
-    check_layout(mc, tp=tp, pp=pp)
+    check_layout(mc, tp=tp, pp=pp, ep=ep)
     maps = spec.tensor_maps(mc, tp=tp)
     d = Dims.of(mc, tp=tp)
     reader = SafetensorsReader(hf_dir)
@@ -202,25 +208,29 @@ def hf_to_mcore(
             writer = TorchDistWriter(tmp, file_bytes=file_bytes)
             try:
                 for tm in maps:
-                    key, layer = sharded_key(tm.mcore, prefix)
+                    key, index = sharded_key(tm.mcore, prefix)
+                    lead = _stacked(index, d)
+                    # MoE layers: the pre-MLP norm under TE's unfused key as well (UNFUSED_NORM_KEYS)
+                    alias = UNFUSED_NORM_KEYS.get(key.removeprefix(prefix)) if d.experts else None
+                    keys = [key] + ([prefix + alias] if alias else [])
                     dtypes = {reader.entry(h).dtype for h in tm.hf}
                     if len(dtypes) == 1 and out_dtype in (None, *dtypes):
                         # Same dtype: the bytes go file to file, row ranges in Megatron's order.
                         ranges = _hf_ranges(reader, tm, d)
-                        writer.add_tensor_from_ranges(
-                            key, tm.shape, dtypes.pop(), ranges, layer=layer, num_layers=d.layers
-                        )
+                        dt = dtypes.pop()
+                        for k in keys:
+                            writer.add_tensor_from_ranges(k, tm.shape, dt, ranges, index=index, lead=lead)
                         bar.update(sum(r[2] for r in ranges))
                         continue
                     full = _assemble_converted(reader, tm, d, out_dtype)
-                    writer.add_tensor(key, full, layer=layer, num_layers=d.layers)
+                    for k in keys:
+                        writer.add_tensor(k, full, index=index, lead=lead)
                     bar.update(full.numel() * full.element_size())
                     del full
-                for i in range(d.layers):
-                    for mod in EXTRA_STATE_MODULES:
-                        writer.add_object(
-                            f"{prefix}decoder.layers.{mod}._extra_state", None, layer=i, num_layers=d.layers
-                        )
+                for key, index, lead in extra_state_objects(
+                    d.layers, experts=d.experts, qk_layernorm=d.qk_layernorm
+                ):
+                    writer.add_object(prefix + key, None, index=index, lead=lead)
                 writer.finish()
             finally:
                 writer.close()
@@ -233,6 +243,7 @@ def hf_to_mcore(
                 mc,
                 tp=tp,
                 pp=pp,
+                ep=ep,
                 step=0,
                 hf_architecture=spec.hf_architecture,
                 hf_config=raw,
@@ -270,10 +281,13 @@ def _export_config(
         raise ConvertError(
             f"{where} is for {cfg.get('architectures')}, the checkpoint is {spec.hf_architecture}"
         )
-    for hf_key, ours in _SHAPE_FIELDS:
-        if cfg.get(hf_key) != getattr(mc, ours):
+    for hf_key, ours in _SHAPE_FIELDS + (_MOE_SHAPE_FIELDS if mc.num_experts else ()):
+        theirs = cfg.get(hf_key)
+        if theirs is None and hf_key == "num_experts":  # transformers 5's name
+            theirs = cfg.get("num_local_experts")
+        if theirs != getattr(mc, ours):
             raise ConvertError(
-                f"{where}: {hf_key}={cfg.get(hf_key)} but the checkpoint has {ours}={getattr(mc, ours)}"
+                f"{where}: {hf_key}={theirs} but the checkpoint has {ours}={getattr(mc, ours)}"
             )
     if cfg.get("num_key_value_heads", cfg["num_attention_heads"]) != (
         mc.num_query_groups or mc.num_attention_heads
@@ -337,7 +351,6 @@ def mcore_to_hf(
         )
     else:
         spec, mc, _ = model_config_from_hf_dir(template)
-    _refuse_moe(mc)
     reader = TorchDistReader(ckpt)
     maps = spec.tensor_maps(mc, tp=1)
     d = Dims.of(mc)
@@ -356,9 +369,9 @@ def mcore_to_hf(
             writer = SafetensorsShardWriter(tmp, plan, max_shard_bytes=max_shard_bytes)
             try:
                 for tm in maps:
-                    key, layer = sharded_key(tm.mcore, reader.prefix)
+                    key, index = reader.locate(tm.mcore)
                     md = reader.tensor_meta(key)
-                    raw = reader.raw_row_ranges(key, layer)
+                    raw = reader.raw_row_ranges(key, index)
                     if raw is not None and out_dtype in (None, md.properties.dtype):
                         # Bytes go file to file: each HF tensor is row ranges of the Megatron one.
                         shape, dt = reader.shape_mcore(tm.mcore)

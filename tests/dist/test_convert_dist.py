@@ -2,10 +2,13 @@
 and PP=2 for Qwen2 (GQA, QKV bias), Llama (tied embeddings), GLM (partial interleaved rotary) and
 Qwen3 (per-head q/k norms, head_dim != hidden / heads); ``load_hf_into_model`` agrees; a checkpoint
 that Megatron itself saved at TP=2 exports back to the original HF tensors bit for bit. Qwen3-MoE
-(Megatron's MoE layer, alltoall dispatcher) is loaded from HF in memory only (its torch_dist
-conversion is not supported yet) at TP=1, TP=2, PP=2 and EP=2 (gloo all_to_all). Negative controls:
-QKV concatenated instead of grouped (Qwen2), q_norm and k_norm swapped (Qwen3), experts 0 and 1
-swapped and, at EP=2, every rank loading experts 0 and 1 (Qwen3-MoE).
+(Megatron's MoE layer, alltoall dispatcher): its converted torch_dist checkpoint, loaded with
+Megatron's ``dist_checkpointing``, and ``load_hf_into_model`` both match transformers at TP=1,
+TP=2, PP=2 and EP=2 (gloo all_to_all); the checkpoint Megatron saves at EP=2 has the converter's
+keys, shapes and tensors and exports back to the HF tensors bit for bit. Negative controls: QKV
+concatenated instead of grouped (Qwen2), q_norm and k_norm swapped (Qwen3), experts 0 and 1
+swapped (in memory, and in a converted checkpoint loaded at EP=2) and, at EP=2, every rank loading
+experts 0 and 1 (Qwen3-MoE).
 
 Everything runs in ONE spawn of 2 ranks (process start and ``import megatron.core`` cost ~7 s); the
 ranks re-initialise Megatron's groups for each layout.
@@ -17,13 +20,23 @@ import pytest
 import torch
 
 from tests.dist.harness import run_ranks
-from tests.unit.test_convert_ckpt import ARCHS, VOCAB, build_hf_model, hf_tensors, make_hf_dir
+from tests.unit.test_convert_ckpt import (
+    ARCHS,
+    MOE,
+    VOCAB,
+    build_hf_model,
+    hf_tensors,
+    make_hf_dir,
+    swap_experts_0_1,
+)
 
 pytestmark = pytest.mark.dist
 
 TOL = 1e-4
 LAYOUTS = ((2, 1), (1, 2))
 MOE_LAYOUTS = ((1, 1, 1), (2, 1, 1), (1, 2, 1), (1, 1, 2))  # (TP, PP, EP)
+MEGATRON_SAVES = {("qwen2", 2, 1, 1): "qwen2_tp2", (MOE, 2, 1, 1): "moe_tp2", (MOE, 1, 1, 2): "moe_ep2"}
+"""(arch, TP, PP, EP) -> folder: layouts at which Megatron saves the loaded model, to export it again."""
 TOKENS = torch.randint(0, VOCAB, (2, 24), generator=torch.Generator().manual_seed(3))
 
 
@@ -46,12 +59,7 @@ def _negative_controls() -> dict:
     good_moe_maps = maps._moe_maps
 
     def swapped_experts(*args):
-        swap = {".experts.0.": ".experts.1.", ".experts.1.": ".experts.0."}
-
-        def rename(h: str) -> str:
-            return next((h.replace(a, b) for a, b in swap.items() if a in h), h)
-
-        return [dataclasses.replace(tm, hf=tuple(map(rename, tm.hf))) for tm in good_moe_maps(*args)]
+        return swap_experts_0_1(good_moe_maps(*args))
 
     return {
         ("qwen2", "wrong_qkv"): (maps, "merge_qkv", lambda q, k, v, **_: torch.cat([q, k, v]), (2, 1, 1)),
@@ -61,10 +69,9 @@ def _negative_controls() -> dict:
     }
 
 
-def _ranks(rank: int, world: int, cases: dict, save_root: str) -> dict:
+def _ranks(rank: int, world: int, cases: dict, save_root: str, swapped_ckpt: str) -> dict:
     import megatron.core.parallel_state as ps
 
-    from megatron_t1.convert.registry import model_config_from_hf_dir
     from megatron_t1.mcore.checkpoint import load_checkpoint, save_checkpoint
     from megatron_t1.mcore.convert_io import layout_config, load_hf_into_model, megatron_logits, verify_config
     from megatron_t1.mcore.model import build_model
@@ -74,21 +81,24 @@ def _ranks(rank: int, world: int, cases: dict, save_root: str) -> dict:
     controls = _negative_controls()
     try:
         for arch, (hf_dir, ckpt, ref) in cases.items():
-            for tp, pp, ep in [(t, p, 1) for t, p in LAYOUTS] if ckpt else MOE_LAYOUTS:
+            for tp, pp, ep in MOE_LAYOUTS if arch == MOE else [(t, p, 1) for t, p in LAYOUTS]:
                 key = (arch, tp, pp) if ep == 1 else (arch, tp, pp, ep)
-                if ckpt:
-                    cfg = verify_config(ckpt, tp=tp, pp=pp, seq_len=TOKENS.shape[1])
-                else:  # MoE: no torch_dist checkpoint yet, the config comes from the HF folder
-                    mc = model_config_from_hf_dir(hf_dir)[1]
-                    cfg = layout_config(mc, tp=tp, pp=pp, ep=ep, seq_len=TOKENS.shape[1])
+                mc = verify_config(ckpt, seq_len=TOKENS.shape[1]).model
+                cfg = layout_config(mc, tp=tp, pp=pp, ep=ep, seq_len=TOKENS.shape[1])
                 init_parallel(cfg.parallel, seed=0, device="cpu")
                 reports = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
                 chunks = build_model(cfg, wrap_ddp=False)
-                if ckpt:
-                    load_checkpoint(ckpt, cfg, chunks, weights_only=True)  # the checkpoint.init_from path
-                    from_ckpt = megatron_logits(chunks, TOKENS, cfg)
-                if arch == "qwen2" and tp == 2:
-                    save_checkpoint(save_root, 1, cfg, chunks)  # saved by Megatron at TP=2
+                load_checkpoint(ckpt, cfg, chunks, weights_only=True)  # the checkpoint.init_from path
+                from_ckpt = megatron_logits(chunks, TOKENS, cfg)
+                saved_as = MEGATRON_SAVES.get((arch, tp, pp, ep))
+                if saved_as:
+                    save_checkpoint(f"{save_root}/{saved_as}", 1, cfg, chunks)  # saved by Megatron
+                if (arch, ep) == (MOE, 2):
+                    chunks = build_model(cfg, wrap_ddp=False)
+                    load_checkpoint(swapped_ckpt, cfg, chunks, weights_only=True)
+                    bad = megatron_logits(chunks, TOKENS, cfg)
+                    if reports:
+                        out[(arch, "swapped_experts_ckpt")] = (bad - ref).abs().max().item()
                 chunks = build_model(cfg, wrap_ddp=False)
                 load_hf_into_model(chunks, hf_dir, cfg)
                 from_hf = megatron_logits(chunks, TOKENS, cfg)
@@ -104,22 +114,21 @@ def _ranks(rank: int, world: int, cases: dict, save_root: str) -> dict:
                         if reports:
                             out[(arch, what)] = (bad - ref).abs().max().item()
                 if reports:
-                    if ckpt:
-                        out[(*key, "ckpt")] = (from_ckpt - ref).abs().max().item()
+                    out[(*key, "ckpt")] = (from_ckpt - ref).abs().max().item()
                     out[(*key, "hf")] = (from_hf - ref).abs().max().item()
-                    out[(*key, "top1")] = (
-                        ((from_ckpt if ckpt else from_hf).argmax(-1) == ref.argmax(-1)).float().mean().item()
-                    )
+                    out[(*key, "top1")] = (from_ckpt.argmax(-1) == ref.argmax(-1)).float().mean().item()
     finally:
         destroy_parallel()
     return out
 
 
-def test_converted_checkpoints_match_transformers_at_tp2_and_pp2(tmp_path):
+def test_converted_checkpoints_match_transformers_at_tp2_and_pp2(tmp_path, monkeypatch):
+    import megatron_t1.convert.maps as maps
     from megatron_t1.convert.offline import hf_to_mcore, mcore_to_hf
+    from megatron_t1.convert.torch_dist import TorchDistReader, resolve_checkpoint_dir
 
     cases = {}
-    for i, arch in enumerate(ARCHS):
+    for i, arch in enumerate((*ARCHS, MOE)):
         hf_dir = make_hf_dir(arch, tmp_path / arch)
         # stored padded for TP=1 (384 rows) or TP=2 (512): loading at the other TP reshards the vocab
         ckpt = hf_to_mcore(hf_dir, tmp_path / f"{arch}_mcore", tp=1 + i % 2, progress=False)
@@ -127,16 +136,16 @@ def test_converted_checkpoints_match_transformers_at_tp2_and_pp2(tmp_path):
             ref = build_hf_model(arch)(TOKENS).logits.float()
         assert ref.std() > 0.3  # O(1) logits: 1e-4 is a real test
         cases[arch] = (str(hf_dir), str(ckpt), ref)
-    hf_dir = make_hf_dir("qwen3_moe", tmp_path / "qwen3_moe")
-    with torch.no_grad():
-        ref = build_hf_model("qwen3_moe")(TOKENS).logits.float()
-    assert ref.std() > 0.3
-    cases["qwen3_moe"] = (str(hf_dir), None, ref)
+    good = maps._moe_maps
+    monkeypatch.setattr(maps, "_moe_maps", lambda *a: swap_experts_0_1(good(*a)))
+    swapped = hf_to_mcore(tmp_path / MOE, tmp_path / "swapped_mcore", progress=False)
+    monkeypatch.undo()
 
     # the reporting rank differs per layout (TP=2: rank 0; PP=2: rank 1, the last stage)
+    saved = tmp_path / "saved"
     result = {
         k: v
-        for r in run_ranks(_ranks, 2, args=(cases, str(tmp_path / "saved")), timeout=300)
+        for r in run_ranks(_ranks, 2, args=(cases, str(saved), str(swapped)), timeout=300)
         for k, v in r.items()
     }
     for arch in ARCHS:
@@ -145,20 +154,37 @@ def test_converted_checkpoints_match_transformers_at_tp2_and_pp2(tmp_path):
             assert result[(arch, tp, pp, "hf")] <= TOL, (arch, tp, pp, result)
             assert result[(arch, tp, pp, "top1")] == 1.0
     for tp, pp, ep in MOE_LAYOUTS:
-        key = ("qwen3_moe", tp, pp) if ep == 1 else ("qwen3_moe", tp, pp, ep)
+        key = (MOE, tp, pp) if ep == 1 else (MOE, tp, pp, ep)
+        assert result[(*key, "ckpt")] <= TOL, (key, result)
         assert result[(*key, "hf")] <= TOL, (key, result)
         assert result[(*key, "top1")] == 1.0
-    assert len(result) == 3 * len(ARCHS) * len(LAYOUTS) + 2 * len(MOE_LAYOUTS) + 4
+    assert len(result) == 3 * len(ARCHS) * len(LAYOUTS) + 3 * len(MOE_LAYOUTS) + 5
     assert result[("qwen2", "wrong_qkv")] > 1e-2
     assert result[("qwen3", "swapped_qk_norm")] > 1e-2
-    assert result[("qwen3_moe", "swapped_experts")] > 1e-2
-    assert result[("qwen3_moe", "no_expert_offset")] > 1e-2
+    assert result[(MOE, "swapped_experts")] > 1e-2
+    assert result[(MOE, "swapped_experts_ckpt")] > 1e-2
+    assert result[(MOE, "no_expert_offset")] > 1e-2
 
-    # A checkpoint written by Megatron's dist_checkpointing at TP=2 (gate/up and row-parallel
-    # chunks per rank, vocabulary padded to 512) exports to exactly the original HF tensors.
-    out = mcore_to_hf(tmp_path / "saved", tmp_path / "export", hf_template=tmp_path / "qwen2", progress=False)
-    a, b = hf_tensors(tmp_path / "qwen2"), hf_tensors(out)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # Checkpoints written by Megatron's dist_checkpointing (at TP=2: gate/up and row-parallel chunks
+    # per rank, vocabulary padded to 512; Qwen3-MoE at EP=2: each rank its experts, gate and up
+    # apart) export to exactly the original HF tensors.
+    for (arch, *_), name in MEGATRON_SAVES.items():
+        out = mcore_to_hf(
+            saved / name, tmp_path / f"{name}_export", hf_template=tmp_path / arch, progress=False
+        )
+        a, b = hf_tensors(tmp_path / arch), hf_tensors(out)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    # ... and Megatron's MoE checkpoint at EP=2 has the converter's keys, global shapes and tensors
+    # (the converter's also has TE-spec keys that the local spec does not save).
+    megatron = TorchDistReader(resolve_checkpoint_dir(saved / "moe_ep2"))
+    ours = TorchDistReader(cases[MOE][1])
+    assert set(megatron.keys()) <= set(ours.keys()), set(megatron.keys()) - set(ours.keys())
+    tensors = [k for k in megatron.keys() if "_extra_state" not in k]
+    assert any(".experts.experts.linear_fc1.weight" in k for k in tensors)
+    for k in tensors:
+        m, o = megatron.tensor_meta(k), ours.tensor_meta(k)
+        assert (m.size, m.properties.dtype) == (o.size, o.properties.dtype), k
+        assert torch.equal(megatron.read(k), ours.read(k)), k
 
 
 @pytest.mark.parametrize("arch", ["glm", "qwen3"])
