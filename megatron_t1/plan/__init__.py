@@ -27,8 +27,12 @@ from megatron_t1.plan.formulas import (
     layer_forward_bytes,
     logits_bytes,
     microbatch_bytes,
+    moe_dispatch_bytes,
+    moe_saved_per_token,
     optimizer_bytes_per_param,
+    rank_parameter_split,
     rank_parameters,
+    routed_copies,
 )
 from megatron_t1.plan.planner import (
     VLLM_ASLEEP_GIB,
@@ -46,6 +50,7 @@ __all__ = [
     "GIB", "MB_INT64_FIELDS", "VLLM_ASLEEP_GIB", "VLLM_OVERHEAD_GIB", "Item", "ParamCount", "Phase", "Plan",
     "PlanInputs", "add_arguments", "count_parameters", "export_buffer_bytes", "format_plan",
     "inputs_from_config", "job_shape", "kv_bytes_per_token", "layer_activation_bytes", "layer_forward_bytes",
-    "logits_bytes", "main", "microbatch_bytes", "optimizer_bytes_per_param", "plan_memory", "plan_to_dict",
-    "rank_parameters", "run", "suggest",
+    "logits_bytes", "main", "microbatch_bytes", "moe_dispatch_bytes", "moe_saved_per_token",
+    "optimizer_bytes_per_param", "plan_memory", "plan_to_dict", "rank_parameter_split", "rank_parameters",
+    "routed_copies", "run", "suggest",
 ]  # fmt: skip

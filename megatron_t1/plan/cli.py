@@ -46,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=None,
         help="nodes of the job (default: --job, else the Slurm allocation this runs in, else the fewest "
-        "that hold TP x PP GPUs)",
+        "that hold TP x PP GPUs, x EP for MoE)",
     )
     parser.add_argument(
         "--gpus-per-node", type=int, default=None, help="GPUs per node (default: --job, the allocation, or 8)"
@@ -134,7 +134,8 @@ def run(args: argparse.Namespace) -> int:
     if args.nodes is not None:
         where = "--nodes"
     elif nodes is None:
-        where = "assumed: the fewest that hold TP x PP; give --job or --nodes for the job's real size"
+        held = "TP x PP x EP" if x.num_experts else "TP x PP"
+        where = f"assumed: the fewest that hold {held}; give --job or --nodes for the job's real size"
     plan.notes.insert(0, f"job: {x.nodes} node(s) x {x.gpus_per_node} GPUs ({where})")
     if not plan.fits:
         plan.suggestions = suggest(x)

@@ -51,6 +51,41 @@ Assumptions of the formulas (each is a line of the printed table, so a wrong one
   (not T/t), where the output layer over logits saves its SP shard.
 * vLLM's KV cache per token and GPU (:func:`kv_bytes_per_token`): 2 (K, V) * layers * max(1, groups /
   vllm_tp) * head_dim * 2 B.
+
+MoE (Qwen3-MoE: Megatron-Core's MoE layer in every layer, ``mcore.model._moe_fields``), following
+megatron-core 0.16.1's layouts, its top-k router (``transformer/moe/router.py``, ``moe_utils.py``), its
+alltoall dispatcher (``token_dispatcher.py``) and ``SequentialMLP`` experts (``experts.py``; we set
+``moe_grouped_gemm=False``):
+
+* Parameters per layer: the router, an [E, h] weight replicated over TP (and over EP: every rank
+  routes its own tokens), and E experts, each a gated MLP of ``expert_ffn``. Experts are split over
+  the EP ranks (E / EP local experts) and each expert over TP like a dense MLP (Megatron's expert TP
+  defaults to TP). Megatron's expert layout is world = TP x EP x expert-DP x PP with expert-DP = DP /
+  EP: the EP ranks are data-parallel ranks, so expert parameters are replicated over expert-DP only,
+  and the distributed optimizer shards their fp32 master and Adam states over expert-DP (dense ones,
+  the router included, over DP). Weights, main grads and the anchor hold this GPU's shard (local
+  experts only).
+* Activations of the routed tokens are the *balanced expectation*: the capacity of an expert is not
+  fixed (no token dropping, ``moe_expert_capacity_factor`` unset), so what one GPU computes depends on
+  the router; each expert is assumed to get k*T/E of the T tokens, so every GPU processes k*T token
+  copies (k*T/TP from each TP rank's SP slice, all-gathered over TP). A skewed router raises the
+  busiest GPU's share by the factor the trainer logs as ``moe/load_max_over_mean``
+  (``mcore/moe.py``). Saved for backward per routed copy: the expert's fc1 input e*h (the permuted,
+  TP-gathered tokens: not split over TP), and, split over TP, the dense MLP's fc1 output, activation
+  and unfused SwiGLU copies plus the activation scaled by the router probability (``MLP.forward``'s
+  ``per_token_scale``: +e*f) and that probability (e). Per local token (the router's tokens: T/TP
+  under SP): the fp32 softmax of the top-k logits (4k B), the top-k indices and the permutation's
+  sorted indices (int64, 16k B), ``permute``'s ``masked_select`` inputs (the transposed [E] probs, e*E,
+  and routing map, E B), the dispatcher's own references to the [E] probs and routing map (e*E + E,
+  held until the layer's next forward) and, with the auxiliary loss, the fp32 softmax over all
+  experts (4E B). At EP = 1 the total does not depend on the routing, and a tiny Megatron MoE layer
+  saves exactly this (tests/unit/test_plan_measured.py).
+* Dispatcher buffers (one layer at a time, not saved): the permuted tokens and, with EP > 1, their
+  all-to-all output ([k*T/TP, h] each under SP), the experts' outputs and their concatenation
+  ([k*T, h] each), alive together when the last expert has run; the combine's sort, reduce-scatter,
+  all-to-all and unpermute reuse about as much. Counted once per phase, like the recompute working set.
+* No-grad forwards (log-prob passes) run the experts one after another (``SequentialMLP``): one
+  local expert's intermediates (k*T*EP/E tokens) at a time next to the dispatcher's buffers.
 """
 
 from __future__ import annotations
@@ -58,7 +93,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from megatron_t1.config import ConfigError
 from megatron_t1.rl.chunks import chunk_rows, tile_shape
 
 GIB = float(1 << 30)
@@ -93,6 +127,18 @@ class PlanInputs:
     qk_layernorm: bool = False
     """Per-head q and k norms (Qwen3): two more norms of ``head_dim`` per layer, replicated over TP."""
     tied: bool = False
+    # MoE (0 experts: a dense MLP of ``ffn``)
+    num_experts: int = 0
+    """Routed experts per layer (``model.num_experts``); 0: dense."""
+    topk: int = 0
+    """Experts each token is sent to (``model.moe_router_topk``)."""
+    expert_ffn: int = 0
+    """Inner width of one expert's (gated) MLP (``model.expert_ffn``)."""
+    ep: int = 1
+    """Expert parallelism (``parallel.expert_model_parallel_size``): EP ranks are DP ranks."""
+    moe_aux_loss: bool = False
+    """The load-balancing loss is on (``model.moe_aux_loss_coeff > 0``): the router keeps its fp32
+    softmax over all experts for it."""
     # training layout
     precision: Literal["bf16", "fp32"] = "bf16"
     tp: int = 1
@@ -145,6 +191,11 @@ class PlanInputs:
         return max(1, self.world // (self.tp * self.pp))
 
     @property
+    def edp(self) -> int:
+        """Expert data parallelism: DP / EP ranks hold the same experts (Megatron's expert layout)."""
+        return max(1, self.dp // self.ep)
+
+    @property
     def vocab_padded(self) -> int:
         mult = self.vocab_multiple * self.tp
         return -(-self.vocab // mult) * mult
@@ -177,11 +228,11 @@ def inputs_from_config(
     attention: str = "flash",
 ) -> PlanInputs:
     """Flatten a :class:`megatron_t1.config.Config`. ``nodes=None``: the fewest nodes that hold one
-    model replica (TP x PP GPUs). ``mode='auto'``: rl when ``rollout.engine`` is vllm, else sft."""
+    model replica (TP x PP GPUs; TP x PP x EP for MoE, whose EP ranks come out of DP). ``mode='auto'``:
+    rl when ``rollout.engine`` is vllm, else sft."""
     m, p, d = cfg.model, cfg.parallel, cfg.data
-    if m.num_experts is not None:  # the formulas count a dense MLP: MoE would be planned wrong
-        raise ConfigError("plan: MoE models (model.num_experts) are not supported by the planner yet")
-    mp = p.tp * p.pp
+    moe = m.num_experts is not None
+    mp = p.tp * p.pp * p.ep
     if nodes is None:
         nodes = max(1, -(-mp // gpus_per_node))
     if mode == "auto":
@@ -197,8 +248,10 @@ def inputs_from_config(
         vocab=m.vocab_size, vocab_multiple=m.make_vocab_size_divisible_by, swiglu=m.swiglu,
         qkv_bias=m.add_qkv_bias or m.add_bias_linear, linear_bias=m.add_bias_linear,
         layernorm=m.normalization == "LayerNorm", qk_layernorm=m.qk_layernorm,
-        tied=m.tie_word_embeddings, precision=m.precision,
-        tp=p.tp, pp=p.pp, vpp=p.virtual_pipeline_model_parallel_size, sp=p.sequence_parallel,
+        tied=m.tie_word_embeddings, num_experts=m.num_experts or 0, topk=m.moe_router_topk if moe else 0,
+        expert_ffn=m.expert_ffn if moe else 0, ep=p.ep, moe_aux_loss=moe and m.moe_aux_loss_coeff > 0,
+        precision=m.precision, tp=p.tp, pp=p.pp, vpp=p.virtual_pipeline_model_parallel_size,
+        sp=p.sequence_parallel,
         dist_opt=p.use_distributed_optimizer, micro_batch=d.micro_batch_size, seq_length=d.seq_length,
         global_batch=rows if mode == "rl" else d.global_batch_size, recompute=m.recompute,
         attention=attention, packing=d.packing, mode=mode,
@@ -219,7 +272,8 @@ def inputs_from_config(
 @dataclass(frozen=True)
 class ParamCount:
     """Full (unsharded) parameter counts. ``layer_sharded`` splits over TP; ``layer_replicated``
-    (norms, row-parallel biases) does not."""
+    (norms, row-parallel biases, the MoE router) does not. MoE experts are split over EP as well:
+    ``expert_sharded`` over TP x EP, ``expert_replicated`` (their row-parallel biases) over EP only."""
 
     embedding: int
     layer_sharded: int
@@ -227,10 +281,27 @@ class ParamCount:
     num_layers: int
     final_norm: int
     output_layer: int
+    expert_sharded: int = 0
+    expert_replicated: int = 0
+    num_experts: int = 0
+    topk: int = 0
 
     @property
     def per_layer(self) -> int:
-        return self.layer_sharded + self.layer_replicated
+        return self.layer_sharded + self.layer_replicated + self.expert_sharded + self.expert_replicated
+
+    @property
+    def experts(self) -> int:
+        """All experts of all layers."""
+        return self.num_layers * (self.expert_sharded + self.expert_replicated)
+
+    @property
+    def active(self) -> int:
+        """Parameters one token uses (the k of E experts it is routed to): what its FLOPs scale with
+        (Qwen3-30B-A3B: 3.3B of 30.5B)."""
+        if not self.num_experts:
+            return self.total
+        return self.total - self.experts * (self.num_experts - self.topk) // self.num_experts
 
     @property
     def non_embedding(self) -> int:
@@ -247,20 +318,34 @@ def count_parameters(x: PlanInputs, *, padded: bool = True) -> ParamCount:
     Per layer: QKV h*(q + 2kv) (+ q + 2kv bias), projection q*h (+ h), fc1 h*f*(2 if SwiGLU)
     (+ bias), fc2 f*h (+ h), two norms of h (2h each for LayerNorm) and, with q/k norms, two of
     head_dim, with q = heads * head_dim and kv = groups * head_dim. An untied output layer adds V*h.
+    MoE: the MLP is a router of E*h (+ E bias) and E experts of fc1 h*f_e*(2 if SwiGLU) (+ bias) and
+    fc2 f_e*h (+ h), f_e = ``expert_ffn``; the dense ``ffn`` is unused (Qwen3-MoE's
+    ``intermediate_size``, which no layer of Qwen3-30B-A3B has).
     """
-    h, f = x.hidden, x.ffn
+    h = x.hidden
     q, kv = x.heads * x.head_dim, x.groups * x.head_dim
     gate = 2 if x.swiglu else 1
     norm = (2 if x.layernorm else 1) * h
-    sharded = h * (q + 2 * kv) + q * h + h * f * gate + f * h
+    sharded = h * (q + 2 * kv) + q * h
     if x.qkv_bias:
         sharded += q + 2 * kv
     replicated = 2 * norm
     if x.qk_layernorm:
         replicated += 2 * (2 if x.layernorm else 1) * x.head_dim
     if x.linear_bias:
-        sharded += f * gate  # fc1 bias (column parallel)
-        replicated += 2 * h  # projection and fc2 biases (row parallel: added after the reduce)
+        replicated += h  # projection bias (row parallel: added after the reduce)
+    e_sharded = e_replicated = 0
+    if x.num_experts:
+        fe, n = x.expert_ffn, x.num_experts
+        replicated += n * h + (n if x.linear_bias else 0)  # the router: every TP rank routes alike
+        e_sharded = n * (h * fe * gate + fe * h + (fe * gate if x.linear_bias else 0))
+        e_replicated = n * h if x.linear_bias else 0  # each expert's fc2 bias
+    else:
+        f = x.ffn
+        sharded += h * f * gate + f * h
+        if x.linear_bias:
+            sharded += f * gate  # fc1 bias (column parallel)
+            replicated += h  # fc2 bias (row parallel)
     vocab = x.vocab_padded if padded else x.vocab
     emb = vocab * h
     return ParamCount(
@@ -270,22 +355,34 @@ def count_parameters(x: PlanInputs, *, padded: bool = True) -> ParamCount:
         num_layers=x.num_layers,
         final_norm=norm,
         output_layer=0 if x.tied else emb,
+        expert_sharded=e_sharded,
+        expert_replicated=e_replicated,
+        num_experts=x.num_experts,
+        topk=x.topk,
     )
 
 
 def rank_parameters(x: PlanInputs, stage: int) -> float:
     """Parameters held by one GPU of pipeline stage ``stage``: its layers' TP shard plus replicated
     norms, the embedding on stage 0, final norm and output layer on the last stage (a tied output
-    layer is a second copy there when PP > 1, as in Megatron)."""
+    layer is a second copy there when PP > 1, as in Megatron); with MoE, its local experts' shard."""
+    return sum(rank_parameter_split(x, stage))
+
+
+def rank_parameter_split(x: PlanInputs, stage: int) -> tuple[float, float]:
+    """``(dense, expert)`` parameters of one GPU of ``stage`` (:func:`rank_parameters`): the two
+    differ in how the distributed optimizer shards them (over DP, over expert-DP = DP / EP)."""
     c = count_parameters(x)
-    n = (x.num_layers // x.pp) * (c.layer_sharded / x.tp + c.layer_replicated)
+    layers = x.num_layers // x.pp
+    dense = layers * (c.layer_sharded / x.tp + c.layer_replicated)
+    expert = layers * (c.expert_sharded / x.tp + c.expert_replicated) / x.ep
     if stage == 0:
-        n += c.embedding / x.tp
+        dense += c.embedding / x.tp
     if stage == x.pp - 1:
-        n += c.final_norm
+        dense += c.final_norm
         if not x.tied or x.pp > 1:
-            n += c.embedding / x.tp
-    return n
+            dense += c.embedding / x.tp
+    return dense, expert
 
 
 def optimizer_bytes_per_param(precision: str, dist_opt: bool, dp: int) -> dict[str, float]:
@@ -326,6 +423,10 @@ def layer_activation_bytes(
     softmax_fp32: bool = True,
     rope_copies: bool = True,
     swiglu_fused: bool = False,
+    experts: int = 0,
+    topk: int = 0,
+    expert_ffn: int = 0,
+    aux_loss: bool = False,
 ) -> float:
     """Bytes one GPU saves for backward in one transformer layer, for one micro-batch of b x s tokens.
 
@@ -342,15 +443,18 @@ def layer_activation_bytes(
     and K while V keeps the QKV output alive (+e*(q + kv)) plus the cos and sin it multiplies Q and K
     by (+4e per head_dim and token, on every TP rank: ``rope_copies``). GPT-3 (f = 4h, GELU, no RoPE,
     a = heads, dropout, e = 2, 16-bit softmax) gives s*b*h*(34 + 5*a*s/h).
+    MoE (``experts`` > 0; the fc1 input above is then the router's input): no dense MLP; the routed
+    token copies and router tensors of :func:`moe_saved_per_token` instead (the balanced expectation,
+    module docstring: the same on every EP rank, so EP does not enter).
     """
+    split = tp if sp else 1
     if recompute == "full":
-        return elem * s * b * h / (tp if sp else 1)
+        return elem * s * b * h / split
     replicated = 4 * elem * h + (2 * h if hidden_dropout else 0)
     sharded = elem * (q_width + 2 * kv_width) + elem * q_width
-    sharded += elem * ffn * (2 if swiglu else 1) + elem * ffn
     unsplit = 0.0
-    if swiglu and not swiglu_fused:
-        sharded += 2 * elem * ffn
+    if not experts:
+        sharded += elem * _mlp_width(ffn, swiglu, swiglu_fused)
     if rope_copies:
         sharded += elem * (q_width + kv_width)
         unsplit += 4 * elem * (q_width // heads)
@@ -360,8 +464,87 @@ def layer_activation_bytes(
             sharded += per_score * heads * s
         else:
             sharded += 4 * heads
-    per_token = replicated / (tp if sp else 1) + sharded / tp + unsplit
+    per_token = replicated / split + sharded / tp + unsplit
+    if experts:
+        per_token += moe_saved_per_token(
+            h=h, experts=experts, topk=topk, expert_ffn=expert_ffn, tp=tp, sp=sp, swiglu=swiglu,
+            swiglu_fused=swiglu_fused, elem=elem, aux_loss=aux_loss,
+        )  # fmt: skip
     return per_token * s * b
+
+
+def _mlp_width(ffn: int, swiglu: bool, swiglu_fused: bool) -> int:
+    """Elements per token a (gated) MLP of ``ffn`` saves on one GPU before the TP split: fc1 output
+    (2f with SwiGLU), the activation output f and, unfused, silu(gate) and ``x_linear + offset``."""
+    return ffn * (2 if swiglu else 1) + ffn + (2 * ffn if swiglu and not swiglu_fused else 0)
+
+
+def routed_copies(topk: int, tp: int, sp: bool) -> float:
+    """Token copies one GPU's experts process per token of the micro-batch (balanced expectation):
+    each TP rank dispatches its tokens' k copies, the EP all-to-all brings as many back for the local
+    experts, and the TP all-gather hands every TP rank the group's: k under SP (k*T/TP from each of TP
+    ranks); k*TP without SP, where every TP rank holds and dispatches all T tokens (Megatron refuses
+    to train MoE that way, :func:`megatron_t1.plan.planner._moe_problems`)."""
+    return topk * (1 if sp else tp)
+
+
+def moe_saved_per_token(
+    *,
+    h: int,
+    experts: int,
+    topk: int,
+    expert_ffn: int,
+    tp: int = 1,
+    sp: bool = False,
+    swiglu: bool = True,
+    swiglu_fused: bool = False,
+    elem: int = 2,
+    aux_loss: bool = False,
+) -> float:
+    """Bytes one GPU saves for backward in one MoE layer's MLP per token of the micro-batch (beyond the
+    norm output the router takes, counted with the layer).
+
+    Per routed copy (:func:`routed_copies`): the expert's fc1 input e*h (the permuted, TP-gathered
+    tokens, not split over TP) and, split over TP, the dense MLP's tensors of an ``expert_ffn``-wide
+    MLP (:func:`_mlp_width`) plus the activation scaled by the router probability e*f_e (the fc2
+    input; ``MLP.forward``'s ``per_token_scale``) and that probability (e). Per local token (/TP
+    under SP), with the router's probabilities in the compute dtype (``moe_router_dtype`` unset):
+    the fp32 softmax of the top-k logits (4k B), the int64 top-k indices (8k B, kept by the scatter
+    into [E] probabilities) and the permutation's sorted token indices (8k B, ``index_select``);
+    ``permute``'s ``masked_select`` keeps its inputs, the transposed probabilities (e*E) and routing
+    map (E B); the dispatcher holds the [E] probabilities and routing map (e*E + E) until the layer's
+    next forward; with the auxiliary loss, the fp32 softmax over all experts (4E B).
+    """
+    routed = routed_copies(topk, tp, sp)
+    expert = elem * h + elem * (_mlp_width(expert_ffn, swiglu, swiglu_fused) + expert_ffn) / tp + elem
+    router = 20 * topk + 2 * (elem + 1) * experts + (4 * experts if aux_loss else 0)
+    return routed * expert + router / (tp if sp else 1)
+
+
+def _permuted_copies(ep: int) -> int:
+    """Copies of the permuted local tokens alive in an MoE layer: the permutation's output and, with
+    EP > 1, the all-to-all's (at EP = 1 ``all_to_all`` returns its input)."""
+    return 2 if ep > 1 else 1
+
+
+def moe_dispatch_bytes(x: PlanInputs) -> tuple[float, str]:
+    """Bytes of the alltoall dispatcher's buffers in one MoE layer, one micro-batch (not saved for
+    backward; one layer at a time): the permuted tokens and (EP > 1) their EP all-to-all output,
+    [k*T/TP, h] each under SP, and the experts' outputs with their concatenation, [k*T, h] each
+    (balanced expectation, module docstring). The experts' sorted input is saved for backward
+    (:func:`moe_saved_per_token`), not counted here."""
+    tokens = x.seq_length * x.micro_batch
+    split = x.tp if x.sp else 1
+    local = x.topk * tokens / split
+    routed = routed_copies(x.topk, x.tp, x.sp) * tokens
+    permuted = _permuted_copies(x.ep)
+    total = x.elem * x.hidden * (permuted * local + 2 * routed)
+    what = "permuted tokens (EP all-to-all in, out)" if permuted == 2 else "permuted tokens"
+    how = (
+        f"{permuted} x [{local:.0f} x h] {what} + 2 x [{routed:.0f} x h] expert outputs (+ concatenated); "
+        f"top-{x.topk}, balanced routing"
+    )
+    return total, how
 
 
 def layer_forward_bytes(
@@ -381,6 +564,10 @@ def layer_forward_bytes(
     softmax_fp32: bool = True,
     rope_copies: bool = True,
     swiglu_fused: bool = False,
+    experts: int = 0,
+    topk: int = 0,
+    expert_ffn: int = 0,
+    ep: int = 1,
     **_saved_only,
 ) -> float:
     """Peak bytes of one transformer layer's live tensors in a forward without grad (the RL log-prob
@@ -396,6 +583,12 @@ def layer_forward_bytes(
     ``x_linear + offset`` (2e*f, unless fused) and the activation output e*f. The stage's input (the
     embedding output, held by the model's forward) is the caller's to add. ``_saved_only`` takes the
     dropout / recompute keywords of :func:`layer_activation_bytes`, which change no no-grad forward.
+    MoE: the MLP is the residual and its norm output (split: the router takes the SP slice, nothing
+    is gathered per token), the router's [E] probabilities and routing map ((e + 1)*E B, split), the
+    permuted tokens (k/TP per token under SP; twice with EP > 1, :func:`_permuted_copies`), the
+    experts' sorted input and outputs (:func:`routed_copies` each) and the larger of the outputs'
+    concatenation and one local expert's intermediates (``SequentialMLP`` runs the E/EP local
+    experts in turn, each on k*EP/E of the routed copies in the balanced expectation).
     """
     split = tp if sp else 1
     normed = elem * h / split + (elem * h if sp and tp > 1 else 0)
@@ -406,10 +599,15 @@ def layer_forward_bytes(
         attn += ((2 * elem + 8) if softmax_fp32 else 2 * elem) * heads * s
     else:
         attn += 4 * heads
-    mlp = elem * ffn * (2 if swiglu else 1) + elem * ffn
-    if swiglu and not swiglu_fused:
-        mlp += 2 * elem * ffn
-    per_token = elem * h / split + normed + max(attn / tp, elem * h / split + mlp / tp)
+    if experts:
+        routed = routed_copies(topk, tp, sp)
+        one_expert = routed * ep / experts * elem * _mlp_width(expert_ffn, swiglu, swiglu_fused) / tp
+        moe = elem * h * (_permuted_copies(ep) * topk / split + 2 * routed)  # permuted, sorted, outputs
+        moe += max(elem * h * routed, one_expert) + (elem + 1) * experts / split
+        per_token = elem * h / split + max(normed + attn / tp, 2 * elem * h / split + moe)
+    else:
+        mlp_branch = elem * h / split + elem * _mlp_width(ffn, swiglu, swiglu_fused) / tp
+        per_token = elem * h / split + normed + max(attn / tp, mlp_branch)
     return per_token * s * b
 
 
@@ -481,13 +679,13 @@ def logits_bytes(x: PlanInputs, *, forward_only: bool = False) -> tuple[float, s
 def export_buffer_bytes(x: PlanInputs) -> tuple[float, str]:
     """Bytes of the weight sync's reused export buffers on one GPU (``megatron_t1.mcore.export``): two
     slots, each the full bucket, the TP-gathered shards (about a full bucket) and this rank's packed
-    shards; a bucket is ``bucket_mb`` or the largest tensor (the padded embedding or the fused fc1)."""
+    shards; a bucket is ``bucket_mb`` or the largest tensor (the padded embedding or the fused fc1;
+    MoE: one expert's fc1, ``expert_ffn`` wide)."""
+    ffn = x.expert_ffn if x.num_experts else x.ffn
     largest = (
         x.elem
         * x.hidden
-        * max(
-            x.vocab_padded, (2 if x.swiglu else 1) * x.ffn, x.heads * x.head_dim + 2 * x.groups * x.head_dim
-        )
+        * max(x.vocab_padded, (2 if x.swiglu else 1) * ffn, x.heads * x.head_dim + 2 * x.groups * x.head_dim)
     )
     bucket = max(x.bucket_mb * 2**20, largest)
     total = 2 * bucket * (2 + 1 / x.tp)

@@ -36,6 +36,14 @@ Assumptions of the phases (each is a line of the printed table, so a wrong one i
   ``gpu_memory_utilization * gpu_mem``, which vLLM fills with its weights, ``VLLM_OVERHEAD_GIB`` of
   activations and CUDA graphs, and the KV cache in the rest (per token:
   :func:`~megatron_t1.plan.formulas.kv_bytes_per_token`).
+* MoE (``model.num_experts``): every GPU holds its E / EP local experts of each layer (TP-split)
+  beside the dense weights; the distributed optimizer shards the dense parameters' states over DP and
+  the experts' over expert-DP = DP / EP (Megatron's expert layout, EP ranks come out of DP). The
+  layer activations count the routed token copies of the balanced expectation
+  (:func:`~megatron_t1.plan.formulas.moe_saved_per_token`), and the train phase one layer's
+  dispatcher buffers (:func:`~megatron_t1.plan.formulas.moe_dispatch_bytes`). Megatron trains MoE
+  with TP > 1 only under sequence parallelism and needs EP to divide the experts and DP: other
+  layouts are problems.
 * ``reserve_gib`` (default 3) covers the CUDA context, NCCL buffers and allocator fragmentation.
   ``--gpu-mem`` is in GiB (an H100 80GB has 79.6 GiB).
 """
@@ -56,7 +64,9 @@ from megatron_t1.plan.formulas import (
     layer_forward_bytes,
     logits_bytes,
     microbatch_bytes,
+    moe_dispatch_bytes,
     optimizer_bytes_per_param,
+    rank_parameter_split,
     rank_parameters,
 )
 
@@ -132,6 +142,7 @@ def _layout_problems(x: PlanInputs) -> list[str]:
             out.append(f"TP={x.tp} does not divide {name} ({n})")
     if x.tp > x.gpus_per_node:
         out.append(f"TP={x.tp} spans nodes (gpus_per_node={x.gpus_per_node}): TP needs NVLink")
+    out.extend(_moe_problems(x))
     if x.attention == "unfused" and x.layout == "thd":
         out.append(
             "data.packing=thd with unfused (Megatron) attention, which has no THD path: use mask or auto"
@@ -155,6 +166,31 @@ def _layout_problems(x: PlanInputs) -> list[str]:
     return out
 
 
+def _moe_problems(x: PlanInputs) -> list[str]:
+    """What Megatron-Core refuses in an MoE layout (or EP without experts)."""
+    if not x.num_experts:
+        return [f"EP={x.ep} needs an MoE model (model.num_experts)"] if x.ep > 1 else []
+    out = []
+    if x.num_experts % x.ep:
+        out.append(
+            f"EP={x.ep} does not divide the {x.num_experts} experts (parallel.expert_model_parallel_size "
+            "must divide model.num_experts)"
+        )
+    if x.dp % x.ep:
+        out.append(
+            f"EP={x.ep} does not divide DP={x.dp} (world {x.world} / TP x PP = {x.tp} x {x.pp}): Megatron's "
+            "EP ranks are data-parallel ranks (world = TP x EP x expert-DP x PP)"
+        )
+    if x.expert_ffn % x.tp:
+        out.append(f"TP={x.tp} does not divide the experts' moe_ffn_hidden_size ({x.expert_ffn})")
+    if x.tp > 1 and not x.sp:
+        out.append(
+            f"MoE with TP={x.tp} trains only with parallel.sequence_parallel=true (Megatron's MoELayer "
+            "refuses TP without SP in training)"
+        )
+    return out
+
+
 def _layer_kw(x: PlanInputs) -> dict:
     return dict(
         s=x.seq_length,
@@ -174,6 +210,10 @@ def _layer_kw(x: PlanInputs) -> dict:
         softmax_fp32=x.softmax_fp32,
         rope_copies=x.rope_copies,
         swiglu_fused=x.swiglu_fused,
+        experts=x.num_experts,
+        topk=x.topk,
+        expert_ffn=x.expert_ffn,
+        aux_loss=x.moe_aux_loss,
     )
 
 
@@ -184,20 +224,31 @@ def _step_tokens(x: PlanInputs) -> int:
 
 def _resident_items(x: PlanInputs, stage: int) -> tuple[list[Item], float]:
     """(what one GPU of ``stage`` holds in every phase, its parameters)."""
+    dense, expert = rank_parameter_split(x, stage)
     n = rank_parameters(x, stage)
     bpp = optimizer_bytes_per_param(x.precision, x.dist_opt, x.dp)
     wname = "bf16" if x.precision == "bf16" else "fp32"
     pn = f"{n / 1e9:.3f}B params"
+    states = "12 B (fp32 master, Adam m, v)" if x.precision == "bf16" else "8 B (Adam m, v)"
+    wpn = pn
+    if x.num_experts:
+        local = x.num_experts // x.ep
+        wpn += f" ({expert / 1e9:.3f}B of them experts: {local} of {x.num_experts} per layer, EP {x.ep})"
+        ebpp = optimizer_bytes_per_param(x.precision, x.dist_opt, x.edp)
+        opt = bpp["optimizer"] * dense + ebpp["optimizer"] * expert
+        opt_how = states + (
+            f" / DP {x.dp} x {dense / 1e9:.3f}B dense + / expert-DP {x.edp} x {expert / 1e9:.3f}B expert"
+            " params"
+            if x.dist_opt
+            else f", not sharded x {n / 1e9:.3f}B params"
+        )
+    else:
+        opt = bpp["optimizer"] * n
+        opt_how = states + (f" / DP {x.dp}" if x.dist_opt else ", not sharded") + f" x {pn}"
     resident = [
-        Item("weights", bpp["weights"] * n, f"{bpp['weights']:g} B ({wname}) x {pn}"),
+        Item("weights", bpp["weights"] * n, f"{bpp['weights']:g} B ({wname}) x {wpn}"),
         Item("gradients", bpp["grads"] * n, f"{bpp['grads']:g} B (fp32 main grads) x {pn}"),
-        Item(
-            "optimizer states",
-            bpp["optimizer"] * n,
-            ("12 B (fp32 master, Adam m, v)" if x.precision == "bf16" else "8 B (Adam m, v)")
-            + (f" / DP {x.dp}" if x.dist_opt else ", not sharded")
-            + f" x {pn}",
-        ),
+        Item("optimizer states", opt, opt_how),
     ]
     if x.mode == "rl":
         ab = 4 if x.anchor == "ema" else x.elem
@@ -246,6 +297,8 @@ def _stage_items(x: PlanInputs, stage: int) -> tuple[list[Item], list[Item], flo
     if x.recompute == "full":
         work = layer_activation_bytes(recompute="none", **kw)
         acts.append(Item("recompute working set", work, "one layer's activations during its backward"))
+    if x.num_experts:
+        acts.append(Item("MoE dispatcher buffers", *moe_dispatch_bytes(x)))
     mb, how = microbatch_bytes(x, train=True)
     acts.append(Item("micro-batch tensors", mb * in_flight, f"{how} x {in_flight:g} in flight"))
     if stage == x.pp - 1:
@@ -270,7 +323,7 @@ def _anchor_pass_items(x: PlanInputs, stage: int) -> list[Item]:
     items.append(Item("micro-batch tensors", mb, how + " x 1 in flight (forward only)"))
     tokens = x.seq_length * x.micro_batch
     stage_in = x.elem * tokens * x.hidden / (x.tp if x.sp else 1)  # embedding output / received input
-    layer = layer_forward_bytes(**_layer_kw(x))
+    layer = layer_forward_bytes(**_layer_kw(x), ep=x.ep)
     what = f"stage input + one layer's live tensors ({layer / 2**20:.0f} MiB, no grad)"
     work = layer
     if stage == x.pp - 1:
@@ -299,7 +352,10 @@ def plan_memory(x: PlanInputs) -> Plan:
     problems = _layout_problems(x)
     capacity = x.gpu_mem_gib * GIB
     total = count_parameters(x, padded=False).total
-    if problems and (x.tp * x.pp > x.world or x.num_layers % (x.pp * (x.vpp or 1))):
+    unplaceable = x.tp * x.pp > x.world or x.num_layers % (x.pp * (x.vpp or 1))
+    if x.num_experts and (x.num_experts % x.ep or x.dp % x.ep):
+        unplaceable = True  # no expert layout to plan
+    if problems and unplaceable:
         return Plan(x, total, 0, 0.0, [], capacity, problems)
     reserve = Item("reserve", x.reserve_gib * GIB, "CUDA context, NCCL buffers, allocator fragmentation")
     asleep = Item("vLLM asleep", VLLM_ASLEEP_GIB * GIB, "CUDA graphs, communicators")
@@ -366,6 +422,17 @@ def plan_memory(x: PlanInputs) -> Plan:
         plan.notes.append("sequence parallelism is off: norm and linear inputs are replicated over TP")
     if x.dp > 1 and not x.dist_opt:
         plan.notes.append(f"the distributed optimizer is off: optimizer states are replicated over DP={x.dp}")
+    if x.num_experts:
+        plan.notes.append(
+            f"MoE activations assume balanced routing (each expert gets {x.topk}/{x.num_experts} of the "
+            "tokens); the busiest GPU's routed-token terms grow by the moe/load_max_over_mean the trainer "
+            "logs"
+        )
+        if x.tp * x.ep > x.gpus_per_node:  # Megatron's rank order tp-cp-ep-dp-pp: EP strides over TP
+            plan.notes.append(
+                f"an EP group spans TP x EP = {x.tp * x.ep} GPUs > {x.gpus_per_node} per node: the "
+                "dispatcher's all-to-all crosses nodes (throughput, not memory)"
+            )
     return plan
 
 
@@ -398,15 +465,21 @@ def _candidates(x: PlanInputs) -> list[tuple[str, PlanInputs]]:
         out.append((f"data.micro_batch_size={mb}", r(x, micro_batch=mb)))
         mb //= 2
     limit = min(x.gpus_per_node, x.heads)
-    for t in _divisors_above(math.gcd(math.gcd(x.heads, x.groups), x.ffn), x.tp, limit):
-        if x.world % (t * x.pp) == 0:
+    widths = math.gcd(math.gcd(x.heads, x.groups), x.ffn)
+    if x.num_experts:
+        widths = math.gcd(widths, x.expert_ffn)
+    for t in _divisors_above(widths, x.tp, limit):
+        if x.world % (t * x.pp) == 0 and (x.world // (t * x.pp)) % x.ep == 0:
             sp = x.precision == "bf16"
             label = f"parallel.tensor_model_parallel_size={t}" + (" (with SP)" if sp and not x.sp else "")
             out.append((label, r(x, tp=t, sp=sp or x.sp)))
     for p in _divisors_above(x.num_layers // (x.vpp or 1), x.pp, x.num_layers):
-        if x.world % (x.tp * p) == 0:
+        if x.world % (x.tp * p) == 0 and (x.world // (x.tp * p)) % x.ep == 0:
             out.append((f"parallel.pipeline_model_parallel_size={p}", r(x, pp=p)))
             break
+    if x.num_experts:  # more EP: fewer local experts (EP ranks come out of DP)
+        for e in _divisors_above(math.gcd(x.num_experts, x.dp), x.ep, x.dp):
+            out.append((f"parallel.expert_model_parallel_size={e}", r(x, ep=e)))
     more = r(x, nodes=x.nodes * 2, global_batch=x.global_batch * 2)
     if x.tp * x.pp > x.world:
         out.append((f"--nodes {more.nodes} (one model replica needs {x.tp * x.pp} GPUs)", more))
@@ -468,13 +541,24 @@ def format_plan(plan: Plan, source: str = "") -> str:
     """The human-readable table (GiB per GPU, worst pipeline stage)."""
     x = plan.inputs
     lines = [f"memory plan{' for ' + source if source else ''} (mode {x.mode}, attention {x.attention})"]
-    lines.append(
-        f"model: {x.num_layers} layers, hidden {x.hidden}, ffn {x.ffn}, {x.heads} heads / {x.groups} KV "
-        f"groups, vocab {x.vocab} (padded {x.vocab_padded}): {plan.params_total / 1e9:.2f}B parameters"
-    )
+    if x.num_experts:
+        c = count_parameters(x, padded=False)
+        lines.append(
+            f"model: {x.num_layers} layers, hidden {x.hidden}, {x.num_experts} experts of ffn "
+            f"{x.expert_ffn} (top-{x.topk}{', aux loss' if x.moe_aux_loss else ''}), {x.heads} heads / "
+            f"{x.groups} KV groups, "
+            f"vocab {x.vocab} (padded {x.vocab_padded}): {plan.params_total / 1e9:.2f}B parameters "
+            f"({c.experts / 1e9:.2f}B in experts), {c.active / 1e9:.2f}B active per token"
+        )
+    else:
+        lines.append(
+            f"model: {x.num_layers} layers, hidden {x.hidden}, ffn {x.ffn}, {x.heads} heads / {x.groups} KV "
+            f"groups, vocab {x.vocab} (padded {x.vocab_padded}): {plan.params_total / 1e9:.2f}B parameters"
+        )
+    ep = f" EP={x.ep} (expert-DP={x.edp}, {x.num_experts // x.ep} experts/GPU)" if x.num_experts else ""
     lines.append(
         f"layout: {x.nodes} node(s) x {x.gpus_per_node} GPUs; TP={x.tp} PP={x.pp}"
-        f"{' VPP=' + str(x.vpp) if x.vpp else ''} DP={x.dp}; SP {'on' if x.sp else 'off'}; "
+        f"{' VPP=' + str(x.vpp) if x.vpp else ''} DP={x.dp}{ep}; SP {'on' if x.sp else 'off'}; "
         f"distributed optimizer {'on' if x.dist_opt else 'off'}; {x.precision}; micro-batch {x.micro_batch} "
         f"x {x.seq_length} tokens, {x.micro_batches} micro-batches/step; recompute {x.recompute}"
     )
@@ -515,13 +599,15 @@ def format_plan(plan: Plan, source: str = "") -> str:
 
 
 def plan_to_dict(plan: Plan) -> dict:
-    """JSON-friendly summary (GiB)."""
+    """JSON-friendly summary (GiB); MoE plans add ``params_active`` (parameters one token uses)."""
+    x = plan.inputs
     return {
         "fits": plan.fits,
         "peak_gib": plan.peak / GIB if plan.phases else None,
         "capacity_gib": plan.capacity / GIB,
         "stage": plan.stage,
         "params_total": plan.params_total,
+        **({"params_active": count_parameters(x, padded=False).active} if x.num_experts else {}),
         "phases": {
             p.name: {i.name: i.bytes / GIB for i in p.items} | {"total": p.total / GIB} for p in plan.phases
         },

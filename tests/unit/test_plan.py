@@ -3,7 +3,8 @@
 References written out plainly here: Korthikanti et al. 2022 (arXiv 2205.05198) Table 2 activation
 formulas; Megatron-Core's distributed-optimizer bytes-per-parameter table; Megatron-LM's
 theoretical_memory_usage.py parameter formula; Narayanan et al. 2021's GPT parameter count; the
-Qwen2.5-7B and GLM-4-9B model cards.
+Qwen2.5-7B and GLM-4-9B model cards; transformers' own parameter count of Qwen3-8B and
+Qwen3-30B-A3B (built on the meta device); megatron-core 0.16.1's MoE layout (expert-DP = DP / EP).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_t1.config import ConfigError, load_config
+from megatron_t1.config import load_config
 from megatron_t1.plan import (
     GIB,
     VLLM_ASLEEP_GIB,
@@ -27,13 +28,18 @@ from megatron_t1.plan import (
     inputs_from_config,
     kv_bytes_per_token,
     layer_activation_bytes,
+    moe_saved_per_token,
     optimizer_bytes_per_param,
     plan_memory,
+    plan_to_dict,
+    rank_parameter_split,
     rank_parameters,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*/*.yaml"))
+EXAMPLE_NODES = {"qwen2.5_32b/sft": 4, "qwen2.5_32b/rl": 4, "qwen3_30b_a3b/sft": 2, "qwen3_30b_a3b/rl": 4}
+"""The 8-GPU nodes each example is planned for (the others: one)."""
 
 
 def _gpt3(**kw) -> dict:
@@ -222,11 +228,13 @@ def test_qwen32b_rl_plan_by_hand():
 
 
 def test_every_example_loads_strictly_and_fits_its_cluster():
+    names = {p.parent.name for p in EXAMPLES}
+    assert {"qwen2.5_32b", "qwen2.5_7b", "glm4_9b", "qwen3_8b", "qwen3_30b_a3b"} <= names
     for path in EXAMPLES:
         cfg = load_config(path)  # unknown keys would raise
         if path.parent.name == "tiny_cpu":
             continue
-        nodes = 4 if "32b" in path.parent.name else 1
+        nodes = EXAMPLE_NODES.get(f"{path.parent.name}/{path.stem}", 1)
         x = inputs_from_config(cfg, nodes=nodes, gpus_per_node=8, gpu_mem_gib=79.6)
         plan = plan_memory(x)
         assert plan.fits, (path, plan.problems, plan.peak / GIB)
@@ -241,12 +249,32 @@ def test_examples_are_t1_settings():
     assert (rl.parallel.tp, rl.parallel.pp, rl.rollout.engine) == (8, 2, "vllm")
     sft = load_config(ROOT / "examples/qwen2.5_32b/sft.yaml")
     assert (sft.optim.lr, sft.optim.lr_decay_style) == (1e-5, "cosine")
-    for name, groups in (("qwen2.5_7b", 4), ("glm4_9b", 2)):
+    for name, groups in (("qwen2.5_7b", 4), ("glm4_9b", 2), ("qwen3_8b", 8), ("qwen3_30b_a3b", 4)):
         for kind in ("sft", "rl"):
             cfg = load_config(ROOT / f"examples/{name}/{kind}.yaml")
             assert cfg.model.query_groups == groups and cfg.parallel.tp <= groups
     glm = load_config(ROOT / "examples/glm4_9b/rl.yaml")
     assert (glm.model.arch, glm.model.rotary_percent, glm.model.add_qkv_bias) == ("glm", 0.5, True)
+    for kind in ("sft", "rl"):
+        q8 = load_config(ROOT / f"examples/qwen3_8b/{kind}.yaml").model
+        assert (q8.arch, q8.qk_layernorm, q8.add_qkv_bias, q8.num_experts, q8.rope_theta) == (
+            "qwen3",
+            True,
+            False,
+            None,
+            1e6,
+        )
+        moe = load_config(ROOT / f"examples/qwen3_30b_a3b/{kind}.yaml")
+        m, p = moe.model, moe.parallel
+        assert (m.arch, m.num_experts, m.moe_router_topk, m.expert_ffn, m.kv_channels) == (
+            "qwen3_moe",
+            128,
+            8,
+            768,
+            128,
+        )
+        # Megatron trains MoE with TP only under SP; EP=8 of the DP ranks
+        assert (p.ep, p.tp, p.sequence_parallel) == (8, 2, True)
 
 
 # ---- behaviour -----------------------------------------------------------------------------------
@@ -319,10 +347,144 @@ def test_anchor_pass_counts_the_anchor_copy_only_when_it_is_cast_or_moved():
     assert off.phases[1].total == pytest.approx(on.phases[1].total - 4 * n)  # 4 + 2 B -> the 2 B copy
 
 
-def test_moe_is_refused_by_the_planner():
-    cfg = load_config(ROOT / "examples/qwen2.5_7b/rl.yaml", ["model.num_experts=8"])
-    with pytest.raises(ConfigError, match="MoE .* not supported by the planner yet"):
-        inputs_from_config(cfg, nodes=1)
+# ---- MoE (Qwen3-30B-A3B) -------------------------------------------------------------------------
+
+
+def _moe(kind: str = "rl", **kw) -> PlanInputs:
+    x = _shape(f"examples/qwen3_30b_a3b/{kind}.yaml", nodes=EXAMPLE_NODES[f"qwen3_30b_a3b/{kind}"])
+    return dataclasses.replace(x, **kw)
+
+
+def _hf_count(arch: str, **hf) -> int:
+    """transformers' parameter count of the HF model, built on the meta device (no memory)."""
+    import torch
+    import transformers
+
+    config = getattr(transformers, arch + "Config")(tie_word_embeddings=False, **hf)
+    with torch.device("meta"):
+        model = getattr(transformers, arch + "ForCausalLM")(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_qwen3_parameter_counts_equal_transformers():
+    moe = _hf_count(
+        "Qwen3Moe", hidden_size=2048, num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4,
+        head_dim=128, num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
+        intermediate_size=6144, vocab_size=151936,
+    )  # fmt: skip
+    c = count_parameters(_moe(), padded=False)
+    assert c.total == moe and round(moe / 1e9, 1) == 30.5  # the card: 30.5B
+    # active: the 8 of 128 experts a token is routed to (the card: 3.3B activated)
+    experts = 48 * 128 * 3 * 2048 * 768
+    assert c.experts == experts and c.active == moe - experts * 120 // 128
+    assert 3.3e9 < c.active < 3.4e9  # 3.35B with the input embedding and the output layer
+    dense = _hf_count(
+        "Qwen3", hidden_size=4096, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+        head_dim=128, intermediate_size=12288, vocab_size=151936,
+    )  # fmt: skip
+    c8 = count_parameters(_shape("examples/qwen3_8b/rl.yaml", nodes=1), padded=False)
+    assert c8.total == dense and c8.active == dense and round(dense / 1e9, 2) == 8.19  # the card: 8.2B
+
+
+def test_expert_parallelism_shards_experts_and_their_optimizer_over_expert_dp():
+    x8 = _moe()
+    x4 = dataclasses.replace(x8, ep=4)
+    assert (x8.dp, x8.ep, x8.edp, x4.edp) == (16, 8, 2, 4)
+    d8, e8 = rank_parameter_split(x8, 0)
+    d4, e4 = rank_parameter_split(x4, 0)
+    assert d8 == d4 and e8 == pytest.approx(e4 / 2)  # EP 4 -> 8 halves the expert weights per GPU
+    # 16 of 128 experts per layer, each split over TP=2: 48 * 16 * 3 * 2048 * 768 / 2
+    assert e8 == 48 * 16 * 3 * 2048 * 768 / 2
+    p8, p4 = plan_memory(x8).phases[0], plan_memory(x4).phases[0]
+    assert p4.get("weights") - p8.get("weights") == pytest.approx(2 * (e4 - e8))
+    assert p4.get("gradients") - p8.get("gradients") == pytest.approx(4 * (e4 - e8))
+    # distributed optimizer: dense states over DP, expert states over expert-DP = DP / EP
+    assert p8.get("optimizer states") == pytest.approx(12 * d8 / 16 + 12 * e8 / 2)
+    assert p4.get("optimizer states") == pytest.approx(12 * d4 / 16 + 12 * e4 / 4)
+    # the fp32 EMA anchor is sharded like the policy: local experts only
+    assert p8.get("anchor") == pytest.approx(4 * (d8 + e8))
+
+
+def test_moe_activations_itemised_and_the_aux_softmax_only_with_its_coefficient():
+    h, E, k, f = 2048, 128, 8, 768
+    kw = dict(h=h, experts=E, topk=k, expert_ffn=f, tp=2, sp=True)
+    # per routed copy (k per token under SP): the fc1 input 2h (TP-gathered), over TP the fc1 output
+    # 2f, silu(gate), the x_linear copy, the product and its probability-scaled copy (6f of 2 B each),
+    # and the probability
+    copy = 2 * h + 2 * 6 * f / 2 + 2
+    router = 20 * k + 2 * 3 * E  # top-k softmax + indices, sorted indices, probs / maps (bf16, bool)
+    assert moe_saved_per_token(**kw) == k * copy + router / 2
+    assert moe_saved_per_token(**kw, aux_loss=True) - moe_saved_per_token(**kw) == 4 * E / 2
+    # through the config: the fp32 softmax over all experts appears only with the coefficient > 0
+    on = _shape("examples/qwen3_30b_a3b/sft.yaml", nodes=2)
+    off = inputs_from_config(
+        load_config(ROOT / "examples/qwen3_30b_a3b/sft.yaml", ["model.moe_aux_loss_coeff=0"]), nodes=2
+    )
+    assert (on.moe_aux_loss, off.moe_aux_loss) == (True, False)
+    work = [plan_memory(y).phases[0].get("recompute working set") for y in (on, off)]
+    assert work[0] - work[1] == pytest.approx(4 * E / 2 * on.seq_length)
+    # the MoE layer replaces the dense MLP's terms (ffn_hidden_size, HF's intermediate_size, is unused),
+    # and the dispatcher's buffers are a line of their own
+    no_ffn = plan_memory(dataclasses.replace(on, ffn=128)).phases[0].get("recompute working set")
+    assert no_ffn == work[0]
+    train = plan_memory(on).phases[0]
+    names = [i.name for i in train.items]
+    assert "MoE dispatcher buffers" in names
+    T, local = on.seq_length, k * on.seq_length / 2
+    assert train.get("MoE dispatcher buffers") == 2 * h * (2 * local + 2 * k * T)
+
+
+def test_dense_plans_are_unchanged_by_the_moe_terms():
+    # Phase totals (GiB) of the dense examples as the planner gave them before it knew MoE; a dense
+    # config has no MoE line and no MoE numbers.
+    before = {
+        ("examples/qwen2.5_7b/rl.yaml", 1, "flash"): {
+            "train": 51.872276306152344, "anchor log-probs": 37.23884391784668,
+            "weight sync": 50.12597179412842, "rollout": 71.17266540527343,
+        },
+        ("examples/glm4_9b/sft.yaml", 1, "flash"): {"train": 39.0879020690918},
+        ("examples/qwen2.5_32b/sft.yaml", 4, "unfused"): {"train": 70.64326477050781},
+    }  # fmt: skip
+    for (path, nodes, attention), totals in before.items():
+        x = _shape(path, nodes=nodes, gpus_per_node=8, gpu_mem_gib=79.6, attention=attention)
+        assert (x.num_experts, x.ep, x.topk, x.moe_aux_loss) == (0, 1, 0, False)
+        d = plan_to_dict(plan_memory(x))
+        assert {name: ph["total"] for name, ph in d["phases"].items()} == pytest.approx(totals, rel=1e-12)
+        assert "params_active" not in d
+        assert not any("MoE" in item for ph in d["phases"].values() for item in ph)
+        assert rank_parameter_split(x, 0)[1] == 0
+
+
+def test_moe_layouts_megatron_refuses_are_problems():
+    x = _moe()
+    assert plan_memory(x).fits and not plan_memory(x).problems
+    bad = plan_memory(dataclasses.replace(x, num_experts=96, ep=32))  # 96 % 32 == 0, DP 16 % 32 != 0
+    assert not bad.fits and not bad.phases
+    assert any("EP=32 does not divide DP=16" in p and "data-parallel ranks" in p for p in bad.problems)
+    bad = plan_memory(dataclasses.replace(x, num_experts=12, ep=8))  # DP 16 % 8 == 0, 12 % 8 != 0
+    assert not bad.fits and any("EP=8 does not divide the 12 experts" in p for p in bad.problems)
+    bad = plan_memory(dataclasses.replace(x, sp=False))
+    assert any("only with parallel.sequence_parallel=true" in p for p in bad.problems) and not bad.fits
+    dense = plan_memory(dataclasses.replace(_rl7b(), ep=2))
+    assert any("EP=2 needs an MoE model" in p for p in dense.problems)
+
+
+def test_cli_moe_table_shows_experts_ep_and_dispatcher_and_refuses_a_bad_ep():
+    base = ["--config", "examples/qwen3_30b_a3b/sft.yaml", "--gpus-per-node", "8", "--gpu-mem", "79.6"]
+    r = _plan_cli(*base, "--nodes", "2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    for text in (
+        "128 experts of ffn 768 (top-8, aux loss)", "30.53B parameters (28.99B in experts), 3.35B active",
+        "EP=8 (expert-DP=1, 16 experts/GPU)", "16 of 128 per layer, EP 8", "/ expert-DP 1 x",
+        "MoE dispatcher buffers", "moe/load_max_over_mean", "verdict: fits",
+    ):  # fmt: skip
+        assert text in r.stdout, (text, r.stdout)
+    # EP=16 needs DP >= 16: one node-pair gives DP=8
+    bad = _plan_cli(*base, "--nodes", "2", "--set", "parallel.expert_model_parallel_size=16")
+    assert bad.returncode == 3 and "problem: EP=16 does not divide DP=8" in bad.stdout, bad.stdout
+    assumed = json.loads(_plan_cli("--config", "examples/qwen3_30b_a3b/rl.yaml", "--json").stdout)
+    assert assumed["inputs"]["nodes"] == 2 and "TP x PP x EP" in assumed["notes"][0]  # 2 x 1 x 8 GPUs
+    assert 3.3e9 < assumed["params_active"] < 3.4e9
 
 
 def test_inputs_from_config_takes_the_packing_and_optimizer_steps():

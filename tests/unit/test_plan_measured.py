@@ -28,6 +28,14 @@ measured and planned (measured so: +1 to +7%) is the backward's gradient tempora
 of the output layer, RSS page granularity and the interpreter: TOLERANCE is 20%. The differences
 between the two variants (the logits, their gradient, their chunks) must agree within 10%: a planner
 without the logits' gradient would plan the logits variant's step 29% low and that difference half.
+
+MoE: a tiny Megatron-Core MoE layer (8 experts, top 2, fp32, EP=1, TP=1) runs one training forward on
+the CPU in a fresh process (~4 s) and the bytes autograd saves inside it (``saved_tensors_hooks``,
+each storage once, parameters and the layer's input excluded, only what is still alive after the
+forward) plus what its dispatcher keeps (the probabilities and routing map) must equal
+:func:`megatron_t1.plan.formulas.moe_saved_per_token` per token, with and without the auxiliary loss.
+At EP = 1 every expert runs on this rank, so the total does not depend on how the router splits the
+tokens: the comparison is exact up to the aux loss's scalars (tokens per expert, the loss: < 100 B).
 """
 
 from __future__ import annotations
@@ -169,6 +177,87 @@ def child(fused: bool, port: int) -> dict:
     return out
 
 
+MOE = dict(seq=512, hidden=64, experts=8, topk=2, expert_ffn=48)
+
+
+def moe_child(port: int) -> dict:
+    """Bytes per token one MoE layer keeps for backward (module docstring), without and with the
+    auxiliary loss."""
+    import gc
+    import weakref
+
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0"
+    )
+    import torch
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    from megatron_t1.config import config_from_dict
+    from megatron_t1.mcore.model import build_model, unwrap
+    from megatron_t1.mcore.parallel import init_parallel
+
+    torch.set_num_threads(1)
+    S, H = MOE["seq"], MOE["hidden"]
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for aux in (0.0, 0.01):
+            cfg = config_from_dict(
+                {
+                    "model": {
+                        "arch": "qwen3_moe", "num_layers": 1, "hidden_size": H, "ffn_hidden_size": 128,
+                        "num_attention_heads": 4, "num_query_groups": 2, "kv_channels": 16, "vocab_size": 512,
+                        "max_position_embeddings": S, "add_qkv_bias": False, "qk_layernorm": True,
+                        "num_experts": MOE["experts"], "moe_router_topk": MOE["topk"],
+                        "moe_ffn_hidden_size": MOE["expert_ffn"], "moe_aux_loss_coeff": aux,
+                        "tie_word_embeddings": False,
+                    },
+                    "data": {"seq_length": S, "micro_batch_size": 1, "global_batch_size": 1},
+                    "optim": {"lr": 1e-5},
+                    "run": {"device": "cpu", "output_dir": tmp},
+                }
+            )  # fmt: skip
+            if aux == 0.0:
+                init_parallel(cfg.parallel, seed=0, device="cpu")
+            model = unwrap(build_model(cfg)[0])
+            model.train()
+            moe = model.decoder.layers[0].mlp
+            params = {q.data_ptr() for q in model.parameters()}
+            saved, refs, state = {}, [], {"on": False, "input": None}
+
+            def pack(t, saved=saved, refs=refs, state=state, params=params):
+                if state["on"] and t.data_ptr() not in params:
+                    st = t.untyped_storage()
+                    saved[st.data_ptr()] = st.nbytes()
+                    refs.append((st.data_ptr(), weakref.ref(t)))
+                return t
+
+            def pre(_m, args, state=state):
+                state.update(on=True, input=args[0].untyped_storage().data_ptr())
+
+            def post(_m, _args, _out, state=state):
+                state["on"] = False
+
+            moe.register_forward_pre_hook(pre)
+            moe.register_forward_hook(post)
+            tokens = torch.randint(0, 512, (1, S), generator=torch.Generator().manual_seed(0))
+            cu = torch.tensor([0, S], dtype=torch.int32)
+            psp = PackedSeqParams(
+                qkv_format="thd", cu_seqlens_q=cu, cu_seqlens_kv=cu, max_seqlen_q=S, max_seqlen_kv=S
+            )
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                logits = model(tokens, torch.arange(S).unsqueeze(0), None, packed_seq_params=psp)
+            gc.collect()
+            alive = {ptr for ptr, r in refs if r() is not None} - {state["input"]}
+            kept = sum(n for ptr, n in saved.items() if ptr in alive)
+            for name in ("probs", "routing_map"):  # the dispatcher's references, held past the forward
+                st = getattr(moe.token_dispatcher, name).untyped_storage()
+                if st.data_ptr() not in alive:
+                    kept += st.nbytes()
+            out["aux" if aux else "no_aux"] = kept / S
+            del logits
+    return out
+
+
 # --------------------------------------------------------------------------------------------------
 # The planned step
 # --------------------------------------------------------------------------------------------------
@@ -276,8 +365,29 @@ def test_plan_matches_the_measured_cpu_step():
     assert pl["logits"] - pf["logits"] > 2 * 4 * SEQ * VOCAB * 0.95  # fp32 logits + their gradient
 
 
+def test_moe_layer_saves_what_the_planner_counts():
+    from megatron_t1.plan import moe_saved_per_token
+
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run(
+        [sys.executable, __file__, "--moe-child", str(_free_port())],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=150, check=False,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    measured = json.loads(r.stdout.strip().splitlines()[-1])
+    kw = dict(h=MOE["hidden"], experts=MOE["experts"], topk=MOE["topk"], expert_ffn=MOE["expert_ffn"], elem=4)
+    planned = {"no_aux": moe_saved_per_token(**kw), "aux": moe_saved_per_token(**kw, aux_loss=True)}
+    report = f"measured {measured}, planned {planned} (bytes per token)"
+    for key in ("no_aux", "aux"):
+        assert measured[key] * MOE["seq"] == pytest.approx(planned[key] * MOE["seq"], abs=100), report
+    # the aux loss keeps exactly its fp32 softmax over all experts (4 B x E per token)
+    assert planned["aux"] - planned["no_aux"] == 4 * MOE["experts"]
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--child":
         print(json.dumps(child(sys.argv[2] == "fused", int(sys.argv[3]))))
+    elif len(sys.argv) == 3 and sys.argv[1] == "--moe-child":
+        print(json.dumps(moe_child(int(sys.argv[2]))))
     else:
-        sys.exit("usage: test_plan_measured.py --child fused|logits PORT")
+        sys.exit("usage: test_plan_measured.py --child fused|logits PORT | --moe-child PORT")

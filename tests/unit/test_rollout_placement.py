@@ -33,7 +33,14 @@ def test_32b_example_on_4_nodes_of_8_gpus():
 
 
 @pytest.mark.parametrize(
-    "name, world, engines, size", [("qwen2.5_7b", 8, 8, 1), ("glm4_9b", 8, 4, 2), ("tiny_cpu", 2, 2, 1)]
+    "name, world, engines, size",
+    [
+        ("qwen2.5_7b", 8, 8, 1),
+        ("glm4_9b", 8, 4, 2),
+        ("qwen3_8b", 8, 8, 1),
+        ("qwen3_30b_a3b", 8, 2, 4),  # one node of its 4: 2 engines of TP=4 (4 KV groups)
+        ("tiny_cpu", 2, 2, 1),
+    ],
 )
 def test_other_examples_use_their_own_placement(name, world, engines, size):
     pl = _example(name, world, world)
