@@ -456,6 +456,13 @@ class RolloutConfig:
     """Server mode with filesystem transfer: a folder both sides see."""
     sleep_level: int = 1
     """Colocated vLLM sleep level during training: 1 offloads its weights, 2 drops them."""
+    hf_dtype: Literal["float32", "bfloat16"] = "float32"
+    """Weights and compute of the HF engine's model. bfloat16 on CPU stands in for a GPU engine's
+    numerics (the weight sync casts; the parity probe then needs a looser ``parity_threshold``)."""
+    record_routing: bool = False
+    """MoE policies: the engine records the experts it routed every token to, and the first log-prob
+    pass of each step logs ``moe/route_agreement`` (share of (token, layer) pairs where the trainer's
+    own top-k equals the engine's). On by itself with ``loss.routing_replay``. HF engine only."""
 
     def __post_init__(self) -> None:
         if self.n_samples < 2:
@@ -470,6 +477,8 @@ class RolloutConfig:
             raise ConfigError(f"rollout.top_k must be -1 (off) or >= 0, got {self.top_k}")
         if not 0.0 <= self.min_p < 1.0:
             raise ConfigError(f"rollout.min_p must be in [0, 1), got {self.min_p}")
+        if self.hf_dtype not in ("float32", "bfloat16"):
+            raise ConfigError(f"rollout.hf_dtype must be float32 or bfloat16, got {self.hf_dtype!r}")
         if self.sleep_level not in (1, 2):
             raise ConfigError(f"rollout.sleep_level must be 1 or 2, got {self.sleep_level}")
         if self.engines_per_node is not None and self.engines_per_node < 1:
@@ -524,6 +533,10 @@ class Config:
     anchor: AnchorConfig = field(default_factory=AnchorConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
+    def __post_init__(self) -> None:
+        if self.loss.routing_replay:  # replay needs the engine's routing
+            self.rollout.record_routing = True
+
     def validate(self, world_size: int | None = None, *, stage: Literal["sft", "rl"] | None = None) -> None:
         """Cross-section checks that Megatron would otherwise fail on late (or hang on); with ``stage``,
         also what that training stage needs (its data, and for RL the held-out evaluation it selects
@@ -561,6 +574,7 @@ class Config:
                 )
         elif p.ep > 1:
             raise ConfigError("parallel.expert_model_parallel_size > 1 needs model.num_experts")
+        self._validate_routing()
         stages = pp * (p.virtual_pipeline_model_parallel_size or 1)
         if m.num_layers % stages:
             raise ConfigError(
@@ -586,6 +600,26 @@ class Config:
             raise ConfigError(
                 f"data.seq_length ({self.data.seq_length}) > model.max_position_embeddings "
                 f"({m.max_position_embeddings})"
+            )
+
+    def _validate_routing(self) -> None:
+        """``rollout.record_routing`` / ``loss.routing_replay``: an MoE policy, the HF engine (vLLM's
+        routed-experts output is not wired yet), and no full recomputation (the recomputed routers in
+        backward would not see the replayed choice)."""
+        what = "loss.routing_replay" if self.loss.routing_replay else "rollout.record_routing"
+        if not self.rollout.record_routing:
+            return
+        if self.model.num_experts is None:
+            raise ConfigError(f"{what} needs an MoE policy (model.num_experts); this model is dense")
+        if self.rollout.engine != "hf":
+            raise ConfigError(
+                f"{what} needs rollout.engine=hf: recording the routing of a vLLM engine is not "
+                f"supported yet (got rollout.engine={self.rollout.engine})"
+            )
+        if self.loss.routing_replay and self.model.recompute == "full":
+            raise ConfigError(
+                "loss.routing_replay with model.recompute=full is not supported: the routers recomputed "
+                "in backward would choose their own experts; use recompute none or selective"
             )
 
     def _validate_stage(self, stage: str) -> None:

@@ -127,6 +127,7 @@ def collate_rl_rank(
     token_values: dict[str, Sequence[Sequence[float]]] | None = None,
     doc_index: Sequence[int] | None = None,
     layout: str = "thd",
+    doc_routes: Sequence[torch.Tensor] | None = None,
 ) -> list[dict[str, torch.Tensor]]:
     """Micro-batches of DP rank ``rank``, on the CPU (move each to the device when it is used).
 
@@ -139,6 +140,9 @@ def collate_rl_rank(
     response token j of document d, e.g. the rollout engine's log-probs) lands at the position whose
     label is that token, as a float [b, S] tensor ``name`` (0 elsewhere). ``doc_index[d]`` is the id
     written to ``doc_ids`` for document d (default d), for a plan over a subset of a step's documents.
+    ``doc_routes[d]`` (int ``[len(docs[d]), layers, k]``, the MoE experts the rollout engine routed each
+    token to) fills ``routed_experts``: int16 ``[b, S, layers, k]`` (THD: ``[1, b*S, layers, k]``), -1
+    at padding.
     """
     check_layout(layout)
     token_values = token_values or {}
@@ -154,6 +158,9 @@ def collate_rl_rank(
         doc_ids = torch.full((b, S), -1, dtype=torch.long)
         loss_mask = torch.zeros(b, S)
         values = {k: torch.zeros(b, S) for k in token_values}
+        routes = None
+        if doc_routes is not None:
+            routes = torch.full((b, S, *doc_routes[0].shape[1:]), -1, dtype=torch.int16)
         local = 0
         for r, row in enumerate(rows[m : m + b]):
             o = 0
@@ -169,6 +176,10 @@ def collate_rl_rank(
                 doc_ids[r, t0:t1] = d if doc_index is None else doc_index[d]
                 for k, v in token_values.items():
                     values[k][r, t0:t1] = torch.as_tensor(v[d][: t1 - t0], dtype=torch.float32)
+                if routes is not None:
+                    if doc_routes[d].shape[0] != n:
+                        raise ValueError(f"document {d}: {n} tokens but routing for {doc_routes[d].shape[0]}")
+                    routes[r, o : o + n] = doc_routes[d]
                 o += n
                 local += 1
             segment_ids[r, o:] = len(row)  # tail padding: its own causal segment
@@ -182,7 +193,10 @@ def collate_rl_rank(
             "doc_ids": doc_ids,
             **values,
         }
-        out.append(attach_layout(mb, segment_ids, layout))
+        attach_layout(mb, segment_ids, layout)
+        if routes is not None:  # THD: the rows end to end, as attach_layout lays out the [b, S] tensors
+            mb["routed_experts"] = routes.reshape(1, b * S, *routes.shape[2:]) if layout == "thd" else routes
+        out.append(mb)
     return out
 
 
@@ -250,11 +264,13 @@ def pack_step(
     micro_batch_size: int,
     pad_id: int,
     layout: str = "thd",
+    doc_routes: Sequence[torch.Tensor] | None = None,
 ) -> StepBatches:
     """Split the step into mini-batches (:func:`minibatch_parts`), plan each one's DP-balanced packing
     (:func:`plan_rl_packing`, the same on every rank) and collate this rank's micro-batches
     (:func:`collate_rl_rank`; ``doc_ids`` are step-wide document indices). ``token_values[name][d]``:
-    per-token values of document ``d``'s response (the rollout log-probs)."""
+    per-token values of document ``d``'s response (the rollout log-probs); ``doc_routes[d]``: its
+    tokens' recorded MoE routing (:func:`collate_rl_rank`)."""
     parts = minibatch_parts(len(docs), k, optim_steps)
     microbatches, plans = [], []
     for part in parts:
@@ -269,6 +285,7 @@ def pack_step(
                 {name: [v[d] for d in part] for name, v in token_values.items()},
                 doc_index=part,
                 layout=layout,
+                doc_routes=[doc_routes[d] for d in part] if doc_routes is not None else None,
             )
         )
         plans.append(plan)

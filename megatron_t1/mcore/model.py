@@ -129,6 +129,7 @@ def _moe_fields(cfg: Config) -> dict:
         moe_token_dispatcher_type="alltoall",
         moe_grouped_gemm=False,
         expert_model_parallel_size=p.ep,
+        moe_enable_routing_replay=cfg.loss.routing_replay,  # each router gets a RouterReplay (mcore/moe.py)
     )
 
 

@@ -112,3 +112,103 @@ def load_metrics(counts: torch.Tensor) -> dict[str, float]:
         "moe/load_max_over_mean_worst": float(ratio.max()),
         "moe/tokens_routed": float(per_layer.sum()),
     }
+
+
+# --------------------------------------------------------------------------------------------------
+# Routing replay: the trainer's routers take the experts the rollout engine chose
+# --------------------------------------------------------------------------------------------------
+
+
+def router_token_routes(routes: torch.Tensor, *, sequence_parallel: bool) -> torch.Tensor:
+    """A micro-batch's recorded routing ``[b, s, layers, k]`` in the order a Megatron router sees its
+    tokens: the hidden states are ``[s, b, H]`` flattened to ``[s * b, H]``, so row ``i * b + j`` is
+    position i of row j (THD micro-batches are ``[1, T]``: row i is token i). Under sequence
+    parallelism each TP rank routes its contiguous ``1 / TP`` of those rows."""
+    b, s = routes.shape[:2]
+    flat = routes.transpose(0, 1).reshape(s * b, *routes.shape[2:])
+    tp = ps.get_tensor_model_parallel_world_size() if ps.model_parallel_is_initialized() else 1
+    if sequence_parallel and tp > 1:
+        n = flat.shape[0] // tp
+        r = ps.get_tensor_model_parallel_rank()
+        flat = flat[r * n : (r + 1) * n]
+    return flat
+
+
+class RouteAgreement:
+    """Sums of how often the trainer's own top-k equals the engine's recorded choice: ``same`` and
+    ``total`` over (token, layer) pairs with a recorded choice (:meth:`metrics` reduces them)."""
+
+    def __init__(self) -> None:
+        self.same = 0.0
+        self.total = 0.0
+
+    def add(self, own: torch.Tensor, recorded: torch.Tensor) -> None:
+        """own, recorded: ``[tokens, k]`` expert indices; rows of ``recorded`` with -1 are skipped."""
+        valid = (recorded >= 0).all(-1)
+        eq = (own.sort(-1).values == recorded.sort(-1).values).all(-1) & valid
+        self.same += float(eq.sum())
+        self.total += float(valid.sum())
+
+    def metrics(self, group=None) -> dict[str, float]:
+        """``moe/route_agreement`` summed over ``group``'s ranks (a collective when it is given)."""
+        t = torch.tensor([self.same, self.total], dtype=torch.float64)
+        if group is not None:
+            dist.all_reduce(t, group=group)
+        return {"moe/route_agreement": float(t[0] / t[1])} if t[1] > 0 else {}
+
+
+@contextlib.contextmanager
+def recorded_routing(
+    model: torch.nn.Module, batch: dict, *, replay: bool, agreement: RouteAgreement | None = None
+) -> Iterator[None]:
+    """Around one micro-batch forward of a model chunk: with ``replay`` its routers route every token
+    to the experts in ``batch["routed_experts"]`` (``[b, s, layers, k]``, global layer index, -1 where
+    nothing was recorded: those tokens get experts 0..k-1, and they are never trained on: padding and
+    each document's last token). The probabilities are still the router's own softmax at those
+    experts, so the router is trained. With ``agreement`` each router's own top-k is compared with the
+    record too. Without ``routed_experts`` in the batch, or neither option, nothing changes."""
+    routes = batch.get("routed_experts")
+    routers = _routers([model])
+    if routes is None or not routers or not (replay or agreement is not None):
+        yield
+        return
+    from megatron.core.transformer.moe.router_replay import RouterReplayAction
+
+    flat = router_token_routes(routes, sequence_parallel=routers[0][1].config.sequence_parallel)
+    k = flat.shape[-1]
+    filler = torch.arange(k, dtype=flat.dtype, device=flat.device)
+    patched = []
+    for layer, router in routers:
+        recorded = flat[:, layer]
+        if agreement is not None:
+            patched.append(router)
+            router.routing = _comparing(router, recorded, agreement)
+        if replay:
+            if router.router_replay is None:
+                raise RuntimeError(
+                    "routing replay: the model was built without moe_enable_routing_replay "
+                    "(loss.routing_replay must be set when the model is built)"
+                )
+            target = torch.where(recorded >= 0, recorded, filler).long()
+            router.router_replay.set_target_indices(target)
+            router.router_replay.set_router_replay_action(RouterReplayAction.REPLAY_FORWARD)
+    try:
+        yield
+    finally:
+        for router in patched:
+            del router.routing
+        if replay:
+            for _, router in routers:
+                router.router_replay.clear_indices()
+                router.router_replay.clear_router_replay_action()
+
+
+def _comparing(router: torch.nn.Module, recorded: torch.Tensor, agreement: RouteAgreement):
+    routing = type(router).routing.__get__(router)
+
+    def compare_then_route(logits: torch.Tensor, *args, **kwargs):
+        own = torch.topk(logits.detach().view(-1, logits.shape[-1]), router.topk, dim=-1).indices
+        agreement.add(own, recorded.to(own.device).long())
+        return routing(logits, *args, **kwargs)
+
+    return compare_then_route

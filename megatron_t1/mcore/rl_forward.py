@@ -38,6 +38,7 @@ from megatron.core.tensor_parallel import gather_from_sequence_parallel_region
 
 from megatron_t1.mcore.forward import model_forward, schedule_iterators
 from megatron_t1.mcore.model import unwrap
+from megatron_t1.mcore.moe import RouteAgreement, recorded_routing
 from megatron_t1.rl.config import LossConfig
 from megatron_t1.rl.fused import fused_token_logprobs_and_entropy
 from megatron_t1.rl.logprobs import token_logprobs_and_entropy
@@ -159,20 +160,27 @@ def _logprobs_and_entropy(
     )
 
 
-def _forward(model, batch: dict, fused: bool) -> tuple[torch.Tensor, dict]:
+def _forward(
+    model, batch: dict, fused: bool, *, replay: bool = False, agreement: RouteAgreement | None = None
+) -> tuple[torch.Tensor, dict]:
     """The last stage's logits, or with ``fused`` its hidden states and the box of
-    :func:`hidden_states_instead_of_logits` (empty on other stages)."""
-    if not fused:
-        return model_forward(model, batch), {}
-    with hidden_states_instead_of_logits(model) as box:
-        return model_forward(model, batch), box
+    :func:`hidden_states_instead_of_logits` (empty on other stages). ``replay`` / ``agreement``: the
+    MoE routers replay / are compared with the batch's recorded routing
+    (:func:`megatron_t1.mcore.moe.recorded_routing`)."""
+    with recorded_routing(model, batch, replay=replay, agreement=agreement):
+        if not fused:
+            return model_forward(model, batch), {}
+        with hidden_states_instead_of_logits(model) as box:
+            return model_forward(model, batch), box
 
 
 def rl_forward_step(data_iterator, model, **loss_kw):
     """``forward_step`` for :func:`megatron_t1.mcore.train_step.train_step` with the T1 loss
-    (through the fused output layer when ``loss_config.fused_output_layer``)."""
+    (through the fused output layer when ``loss_config.fused_output_layer``; replaying the rollout's
+    MoE routing with ``loss_config.routing_replay``)."""
     batch = next(data_iterator)
-    out, box = _forward(model, batch, loss_kw["loss_config"].fused_output_layer)
+    lc = loss_kw["loss_config"]
+    out, box = _forward(model, batch, lc.fused_output_layer, replay=lc.routing_replay)
     fused = {"output_weight": box["weight"], "reduce_hidden_grad": box["reduce_hidden_grad"]} if box else {}
     return out, partial(rl_loss_func, batch, **fused, **loss_kw)
 
@@ -190,9 +198,9 @@ def _logprob_loss_func(batch: dict, output: torch.Tensor, *, box: dict, **kw):
     return zero, torch.zeros((), dtype=torch.int), {"logprobs": logp, "entropy": ent}
 
 
-def _logprob_forward_step(data_iterator, model, *, fused: bool, **kw):
+def _logprob_forward_step(data_iterator, model, *, fused: bool, replay: bool, agreement, **kw):
     batch = next(data_iterator)
-    out, box = _forward(model, batch, fused)
+    out, box = _forward(model, batch, fused, replay=replay, agreement=agreement)
     return out, partial(_logprob_loss_func, batch, box=box, **kw)
 
 
@@ -207,11 +215,15 @@ def compute_logprobs(
     micro_batch_size: int,
     chunk_size: int | None = None,
     fused_output_layer: bool = False,
+    routing_replay: bool = False,
+    route_agreement: RouteAgreement | None = None,
 ) -> list[dict[str, torch.Tensor]] | None:
     """Per-token ``logprobs`` and ``entropy`` [b, s] of every micro-batch under softmax(logits / tau).
 
     Runs Megatron's schedule forward-only (any TP/PP), each micro-batch moved to the model's device
     when it is taken; ``fused_output_layer``: from hidden states, no logits (module docstring).
+    ``routing_replay``: the MoE routers take the micro-batches' recorded experts;
+    ``route_agreement``: adds up how often the routers' own choice equals the recorded one.
     Returns the list on the last pipeline stage and None elsewhere. Wrap in
     :meth:`AnchorStore.swapped_in` for the anchor's pass.
     """
@@ -223,6 +235,8 @@ def compute_logprobs(
             vocab_size=vocab_size,
             chunk_size=chunk_size,
             fused=fused_output_layer,
+            replay=routing_replay,
+            agreement=route_agreement,
         ),
         data_iterator=schedule_iterators(microbatches, chunks),
         model=list(chunks),

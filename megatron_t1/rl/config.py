@@ -72,6 +72,11 @@ class LossConfig:
     fused_output_layer: bool = False
     """Compute log-prob and entropy straight from the final hidden states and the output-layer weight,
     chunk by chunk, without materialising the [T, V] logits (``megatron_t1.rl.fused``)."""
+    routing_replay: bool = False
+    """MoE policies: every trainer forward of a step (policy and anchor log-probs, the update) routes
+    each token to the experts the rollout engine routed it to (Megatron-Core's RouterReplay; the
+    router's weights still get gradients through the replayed experts' probabilities), so the
+    policy being trained is the one that sampled. Implies ``rollout.record_routing``."""
     chunk_size: int | None = None
     """Tokens per chunk of the chunked log-prob / entropy (and per tile of the fused output layer). None:
     automatic, about 1M logits per chunk on CPU (0.5M per fused tile) and 16M on GPU, which keeps the
@@ -110,6 +115,8 @@ class LossConfig:
             raise ValueError(f"{s}.fused_output_layer must be true/false, got {self.fused_output_layer!r}")
         if self.chunk_size is not None:
             _check_int(s, "chunk_size", self.chunk_size, 1)
+        if not isinstance(self.routing_replay, bool):
+            raise ValueError(f"{s}.routing_replay must be true/false, got {self.routing_replay!r}")
 
 
 @dataclass

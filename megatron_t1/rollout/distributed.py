@@ -55,16 +55,29 @@ from megatron_t1.rollout.placement import (
 )
 
 
+def _routes_bytes(routes: torch.Tensor | None) -> tuple[bytes, tuple[int, ...]] | None:
+    return None if routes is None else (routes.to(torch.int16).numpy().tobytes(), tuple(routes.shape))
+
+
+def _routes_tensor(packed: tuple[bytes, tuple[int, ...]] | None) -> torch.Tensor | None:
+    if packed is None:
+        return None
+    data, shape = packed
+    return torch.frombuffer(bytearray(data), dtype=torch.int16).view(shape)
+
+
 def _pack(gens: list[PromptCompletions]) -> list:
-    """Completions as compact bytes for the gather (8 bytes a token instead of two Python objects)."""
+    """Completions as compact bytes for the gather (8 bytes a token instead of two Python objects;
+    recorded MoE routing as int16 bytes)."""
     return [
         (
             array.array("q", g.prompt_token_ids).tobytes(),
             [
                 (array.array("q", c.token_ids).tobytes(), array.array("f", c.logprobs).tobytes(), c.text,
-                 c.finish_reason)
+                 c.finish_reason, _routes_bytes(c.routed_experts))
                 for c in g.completions
             ],
+            _routes_bytes(g.routed_experts),
         )
         for g in gens
     ]  # fmt: skip
@@ -79,9 +92,13 @@ def _unpack(packed: list) -> list[PromptCompletions]:
     return [
         PromptCompletions(
             arr("q", prompt),
-            [Completion(arr("q", t), text, arr("f", lp), reason) for t, lp, text, reason in comps],
+            [
+                Completion(arr("q", t), text, arr("f", lp), reason, _routes_tensor(routes))
+                for t, lp, text, reason, routes in comps
+            ],
+            _routes_tensor(prompt_routes),
         )
-        for prompt, comps in packed
+        for prompt, comps, prompt_routes in packed
     ]
 
 
@@ -306,16 +323,18 @@ class DistributedRollout:
 
 
 def _hf_engine(cfg: Config, tokenizer, device: torch.device):
-    """A transformers model of the policy's shape in fp32 on the trainer's device."""
+    """A transformers model of the policy's shape (``rollout.hf_dtype``) on the trainer's device."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from megatron_t1.convert.registry import spec_for_arch
     from megatron_t1.rollout.hf_engine import HFEngine
 
-    hf = dict(spec_for_arch(cfg.model.arch).hf_config(cfg.model, "float32"))
+    dtype = cfg.rollout.hf_dtype
+    hf = dict(spec_for_arch(cfg.model.arch).hf_config(cfg.model, dtype))
     model_type = hf.pop("model_type")
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **hf))
-    return HFEngine(model.to(device), tokenizer)
+    model = model.to(device=device, dtype=getattr(torch, dtype))
+    return HFEngine(model, tokenizer, record_routing=cfg.rollout.record_routing)
 
 
 def _server_pool(cfg: Config):

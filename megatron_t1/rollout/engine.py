@@ -117,6 +117,11 @@ class Completion:
     text: str
     logprobs: list[float]
     finish_reason: FinishReason
+    routed_experts: torch.Tensor | None = None
+    """MoE policies with routing recorded (``rollout.record_routing``): int16 ``[T, layers, k]``, the
+    experts each response token was routed to in each layer when the engine fed it to the model, -1
+    where it was not (the last token is never fed; dense layers); None otherwise. Routing replay
+    (``loss.routing_replay``) makes the trainer's forward use these."""
 
     @property
     def truncated(self) -> bool:
@@ -126,6 +131,7 @@ class Completion:
     def __post_init__(self) -> None:
         if len(self.token_ids) != len(self.logprobs):
             raise ValueError(f"{len(self.token_ids)} tokens but {len(self.logprobs)} log-probs")
+        check_routes(self.routed_experts, len(self.token_ids), "response")
 
 
 @dataclass
@@ -134,6 +140,22 @@ class PromptCompletions:
 
     prompt_token_ids: list[int]
     completions: list[Completion] = field(default_factory=list)
+    routed_experts: torch.Tensor | None = None
+    """The prompt tokens' routing, int16 ``[P, layers, k]`` (as :attr:`Completion.routed_experts`)."""
+
+    def __post_init__(self) -> None:
+        check_routes(self.routed_experts, len(self.prompt_token_ids), "prompt")
+
+
+def check_routes(routes: torch.Tensor | None, n_tokens: int, what: str) -> None:
+    """A routing record is None or an integer ``[n_tokens, layers, k]`` tensor."""
+    if routes is None:
+        return
+    if routes.dim() != 3 or routes.shape[0] != n_tokens or routes.dtype.is_floating_point:
+        raise ValueError(
+            f"{what} routing must be an integer [{n_tokens}, layers, k] tensor, got "
+            f"{routes.dtype} {tuple(routes.shape)}"
+        )
 
 
 @runtime_checkable

@@ -21,6 +21,10 @@ on rows that have finished. The loop here:
   up an eighth of it, so the cost of a step follows the rows still running.
 
 Greedy (temperature 0) takes the argmax of the filtered, untempered logits.
+
+With ``record_routing`` (an MoE model; ``rollout.record_routing``) forward hooks on the routers
+(:class:`RouteRecorder`) keep the top-k experts of every token the loop feeds to the model: the
+prompt's at prefill, each response token's at the decode step that consumes it.
 """
 
 from __future__ import annotations
@@ -103,6 +107,63 @@ def expert_target(name: str, targets: dict[str, torch.Tensor]) -> torch.Tensor |
     return fused[e, :half] if which == "gate" else fused[e, half:]
 
 
+class RouteRecorder:
+    """The experts a transformers MoE model routes each token to, layer by layer, forward by forward.
+
+    A forward hook on each MoE layer's router (``mlp.gate`` of a layer that has ``mlp.experts``:
+    Qwen3-MoE, Qwen2-MoE, Mixtral) keeps its top-k indices (transformers 5's routers return them
+    last; a router that returns logits, as older releases do, gets its top-k of the logits, which is
+    the top-k of their softmax). :meth:`take` hands out the last forward's choices as one int16
+    ``[tokens, layers, k]`` table (tokens in the forward's ``[batch, seq]`` order; -1 in dense layers).
+    """
+
+    def __init__(self, model) -> None:
+        layers = model.get_decoder().layers
+        self.num_layers = len(layers)
+        self.routers = [
+            (i, layer.mlp.gate)
+            for i, layer in enumerate(layers)
+            if hasattr(layer.mlp, "experts") and hasattr(layer.mlp, "gate")
+        ]
+        if not self.routers:
+            raise ValueError(
+                f"rollout.record_routing: {type(model).__name__} has no MoE router to record (a dense model)"
+            )
+        self.top_k = int(model.config.num_experts_per_tok)
+        self._last: dict[int, torch.Tensor] = {}
+        self._handles = [r.register_forward_hook(self._hook(i)) for i, r in self.routers]
+
+    def _hook(self, layer: int):
+        def hook(_module, _inputs, output) -> None:
+            idx = output[-1] if isinstance(output, tuple) else output
+            if idx.dtype.is_floating_point:
+                idx = torch.topk(idx, self.top_k, dim=-1).indices
+            self._last[layer] = idx.detach().reshape(-1, idx.shape[-1])
+
+        return hook
+
+    def clear(self) -> None:
+        self._last.clear()
+
+    def take(self, n_tokens: int) -> torch.Tensor:
+        """The last forward's routing, ``[n_tokens, layers, k]`` int16 on the CPU; then forgets it."""
+        out = torch.full((n_tokens, self.num_layers, self.top_k), -1, dtype=torch.int16)
+        for layer, idx in self._last.items():
+            if idx.shape != (n_tokens, self.top_k):
+                raise EngineError(
+                    f"layer {layer} routed {tuple(idx.shape)} (tokens, k); "
+                    f"expected ({n_tokens}, {self.top_k})"
+                )
+            out[:, layer] = idx.to("cpu", torch.int16)
+        self._last.clear()
+        return out
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
 def left_pad(prompt_ids: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids [P, W] and attention mask [P, W] (int64) of prompts left-padded to the longest W, so
     that every prompt ends at column W - 1."""
@@ -122,10 +183,15 @@ class HFEngine:
         model: a ``PreTrainedModel`` with an LM head (e.g. ``Qwen2ForCausalLM``).
         tokenizer: its tokenizer (EOS and pad ids, decoding, text prompts).
         max_batch_sequences: at most this many sequences (prompts x n) per ``generate`` call.
+        record_routing: keep each token's experts (an MoE model; :class:`RouteRecorder`) in the
+            results' ``routed_experts``.
     """
 
-    def __init__(self, model, tokenizer, *, max_batch_sequences: int = 256) -> None:
+    def __init__(
+        self, model, tokenizer, *, max_batch_sequences: int = 256, record_routing: bool = False
+    ) -> None:
         self.model = model.eval()
+        self.routes = RouteRecorder(model) if record_routing else None
         self.tokenizer = tokenizer
         self.max_batch_sequences = max_batch_sequences
         self.device = next(model.parameters()).device
@@ -208,6 +274,8 @@ class HFEngine:
             **{self._cache_kw: cache},
             **self._last_only,
         )
+        rec, width = self.routes, ids.shape[1]
+        prompt_routes = rec.take(ids.numel()).view(len(prompt_ids), width, -1, rec.top_k) if rec else None
         logits = out.logits[:, -1].repeat_interleave(n, 0)
         cache.batch_repeat_interleave(n)
         attn = mask.repeat_interleave(n, 0)
@@ -215,6 +283,9 @@ class HFEngine:
         B = len(prompt_ids) * n
         tokens = torch.full((B, max_new), self.pad_id, dtype=torch.long)  # host copies of the outputs
         logps = torch.zeros((B, max_new), dtype=torch.float32)
+        routes = None  # [B, max_new, layers, k]: the experts of response token t, when it was fed
+        if rec is not None:
+            routes = torch.full((B, max_new, rec.num_layers, rec.top_k), -1, dtype=torch.int16)
         finished_at = torch.full((B,), -1, dtype=torch.long)  # tokens generated when the row ended
         rows = torch.arange(B)  # original row of each batch row
         # Batch rows still generating; finished rows linger until the next compaction, ignored.
@@ -252,6 +323,8 @@ class HFEngine:
                 use_cache=True,
                 **{self._cache_kw: cache},
             )
+            if routes is not None:  # this forward consumed token `step` of every batch row
+                routes[rows, step] = rec.take(len(rows))
             next_pos = next_pos + 1
             logits = out.logits[:, -1]
         if steps == 0:
@@ -265,15 +338,21 @@ class HFEngine:
                 stop_at = finished[b] if finished[b] >= 0 else None
                 length = stop_at if stop_at is not None else steps
                 toks = tokens[b, :length].tolist()
+                routed = None
+                if routes is not None:  # the last token is never fed (a lingering row's would be)
+                    routed = routes[b, :length].clone()
+                    routed[-1] = -1
                 comps.append(
                     Completion(
                         token_ids=toks,
                         text=self.tokenizer.decode(toks, skip_special_tokens=True),
                         logprobs=logps[b, :length].tolist(),
                         finish_reason=finish_reason(length, params.max_tokens, stop_at is not None),
+                        routed_experts=routed,
                     )
                 )
-            results.append(PromptCompletions(prompt_token_ids=list(p), completions=comps))
+            p_routed = prompt_routes[i, width - len(p) :].clone() if prompt_routes is not None else None
+            results.append(PromptCompletions(list(p), comps, routed_experts=p_routed))
         return results
 
     def generate(
@@ -290,6 +369,8 @@ class HFEngine:
             if bad:
                 raise ValueError(f"prompt {i}: token ids {bad[:5]} outside the vocabulary [0, {vocab})")
         seeds = prompt_seeds(params, len(prompt_ids), seeds)
+        if self.routes is not None:
+            self.routes.clear()
         per_call = max(1, self.max_batch_sequences // n)
         results: list[PromptCompletions] = []
         for start in range(0, len(prompt_ids), per_call):
@@ -336,4 +417,6 @@ class HFEngine:
         """Nothing to release: the model stays where it is (CPU, or a GPU it shares with the trainer)."""
 
     def close(self) -> None:
+        if self.routes is not None:
+            self.routes.close()
         self.model = None

@@ -31,6 +31,7 @@ from megatron_t1.mcore.checkpoint import (
     save_checkpoint,
 )
 from megatron_t1.mcore.model import build_model, packed_layout
+from megatron_t1.mcore.moe import RouteAgreement
 from megatron_t1.mcore.parallel import ParallelContext, init_parallel
 from megatron_t1.mcore.rl_forward import compute_logprobs, rl_forward_step
 from megatron_t1.mcore.train_step import SkipGuard, StepResult, build_optimizer, train_step
@@ -108,6 +109,7 @@ class RLRun:
             micro_batch_size=self.schedule[1],
             chunk_size=cfg.loss.chunk_size,
             fused_output_layer=cfg.loss.fused_output_layer,
+            routing_replay=cfg.loss.routing_replay,
         )
 
 
@@ -246,6 +248,12 @@ def pack_phase(run: RLRun, ro: Rollouts, sel: Selected) -> StepBatches:
     docs, plens, _ = rl_documents(
         [ro.gens[p].prompt_token_ids for p, _ in sel.pairs], [c.token_ids for c in comps], cfg.data.seq_length
     )
+    routes = None
+    if cfg.rollout.record_routing:  # prompt + response routing, cut like the document
+        routes = [
+            torch.cat([ro.gens[p].routed_experts, c.routed_experts])[: len(d)]
+            for (p, _), c, d in zip(sel.pairs, comps, docs)
+        ]
     return pack_step(
         docs,
         plens,
@@ -258,6 +266,7 @@ def pack_phase(run: RLRun, ro: Rollouts, sel: Selected) -> StepBatches:
         micro_batch_size=cfg.data.micro_batch_size,
         pad_id=run.pad_id,
         layout=run.layout,
+        doc_routes=routes,
     )
 
 
@@ -277,13 +286,16 @@ class Passes:
     """[documents] KL_i to the anchor (``loss.kl_reduce``), float32."""
     mismatch_mean: float
     mismatch_max: float
+    route: dict[str, float] = field(default_factory=dict)
+    """``moe/route_agreement`` of the policy pass (``rollout.record_routing``), else empty."""
 
 
 def logprob_phase(run: RLRun, batch: StepBatches) -> Passes:
     """Policy and anchor log-probs (same shards, same micro-batches; the anchor swapped in), then the
     per-response k1 sums and the train/rollout mismatch reduced over all ranks."""
     mbs, kw = batch.all_microbatches(), run.logprob_kwargs()
-    pol = compute_logprobs(run.chunks, mbs, **kw)
+    agreement = RouteAgreement() if run.cfg.rollout.record_routing else None
+    pol = compute_logprobs(run.chunks, mbs, route_agreement=agreement, **kw)
     with run.anchor.swapped_in():
         anc = compute_logprobs(run.chunks, mbs, **kw)
     n = batch.num_docs
@@ -307,7 +319,10 @@ def logprob_phase(run: RLRun, batch: StepBatches) -> Passes:
         vec /= ctx.tp
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     kl = finish_response_kl(vec[:n].float(), vec[n : 2 * n].float(), run.cfg.loss.kl_reduce)
-    return Passes(pol, anc, kl, float(vec[-2] / vec[-1].clamp(min=1)), float(worst))
+    # Every rank routes its own tokens in its own layers: a sum over all ranks counts each (token,
+    # layer) once per TP rank without sequence parallelism, which leaves the share unchanged.
+    route = agreement.metrics(group=None if ctx.world_size == 1 else dist.group.WORLD) if agreement else {}
+    return Passes(pol, anc, kl, float(vec[-2] / vec[-1].clamp(min=1)), float(worst), route)
 
 
 @dataclass
@@ -523,6 +538,7 @@ def log_phase(
         "anchor_reset": up["anchor_reset"],
         "mismatch_mean": passes.mismatch_mean,
         "mismatch_max": passes.mismatch_max,
+        **passes.route,
         **batch.plan_stats(),
         **run.rollout.stats,
         **sync_metrics,

@@ -11,7 +11,9 @@ distributed optimizer. Checked:
 * the router load metric of step 1 equals one computed plainly from transformers' router logits
   (top-k choices counted per layer, over the 4 rows of both ranks);
 * the RL loop (T1 step, EMA anchor, log-probs, HF engine per rank, weight sync) runs 2 steps at EP=2
-  with finite numbers, the load metric, and the engines in parity with the trainer.
+  with finite numbers, the load metric, and the engines in parity with the trainer; and again with
+  ``loss.routing_replay`` (the engines record each token's experts, every trainer forward replays
+  them), where the trainer's own routing agrees with the engines' on >= 99% of (token, layer) pairs.
 
 All layouts run in ONE spawn (process start and ``import megatron.core`` cost ~7 s).
 """
@@ -202,7 +204,7 @@ def test_router_load_metric_matches_transformers_router(results):
 # -- the RL loop at EP=2 ------------------------------------------------------------------------
 
 
-def _rl_worker(rank, world, data_dir, out):
+def _rl_worker(rank, world, data_dir, out, extra):
     from megatron_t1.config import load_config
     from megatron_t1.mcore.parallel import destroy_parallel
     from megatron_t1.train.rl import run_rl
@@ -221,7 +223,7 @@ def _rl_worker(rank, world, data_dir, out):
             "rollout.prompts_per_step=4", "rollout.n_samples=4", "rollout.max_new_tokens=24",
             "rollout.temperature=1.2", "reward.num_workers=1", "loss.entropy_coef=0.01", "anchor.ema=0.9",
             "run.name=moe", f"run.output_dir={out}", "run.train_steps=2", "run.device=cpu",
-            "log.progress_bar=false", "log.tensorboard=false", "eval.eval_at_start=false",
+            "log.progress_bar=false", "log.tensorboard=false", "eval.eval_at_start=false", *extra,
         ],
     )  # fmt: skip
     run_rl(cfg)
@@ -230,8 +232,10 @@ def _rl_worker(rank, world, data_dir, out):
 
 
 @pytest.mark.slow
-def test_rl_loop_runs_two_steps_at_ep2(data, tmp_path):  # noqa: F811
-    run_ranks(_rl_worker, 2, args=(str(data), str(tmp_path)), timeout=400)
+@pytest.mark.parametrize("replay", [False, True], ids=["own_routing", "routing_replay"])
+def test_rl_loop_runs_two_steps_at_ep2(data, tmp_path, replay):  # noqa: F811
+    extra = ["loss.routing_replay=true"] if replay else []
+    run_ranks(_rl_worker, 2, args=(str(data), str(tmp_path), extra), timeout=400)
     rows = [json.loads(line) for line in Path(tmp_path / "moe" / "metrics.jsonl").read_text().splitlines()]
     steps = {r["step"]: r for r in rows if "loss" in r}
     assert sorted(steps) == [1, 2]
@@ -241,3 +245,8 @@ def test_rl_loop_runs_two_steps_at_ep2(data, tmp_path):  # noqa: F811
         assert 1.0 <= row["moe/load_max_over_mean"] <= 2.0
         assert row["moe/tokens_routed"] > 0
         assert row["sync/parity_mean_abs"] < 1e-4 and row["sync/engines"] == 2
+        if replay:  # the engines recorded the routing; fp32 on both sides: the trainer agrees
+            assert row["moe/route_agreement"] >= 0.99
+            assert row["mismatch_mean"] < 1e-4
+        else:
+            assert "moe/route_agreement" not in row
