@@ -100,6 +100,21 @@ def check_compatible(meta: dict, cfg: Config, where: str) -> None:
             ours, theirs = cfg.model.query_groups, theirs or meta["model"]["num_attention_heads"]
         if theirs != ours:
             raise ConfigError(f"{where}: checkpoint has model.{k}={theirs!r} but the config says {ours!r}")
+    # MoE: a different expert count or width would fail deep in dist_checkpointing, or (fewer experts
+    # in the config) load a subset silently
+    theirs_e, ours_e = meta["model"].get("num_experts"), cfg.model.num_experts
+    if theirs_e != ours_e:
+        raise ConfigError(
+            f"{where}: checkpoint has model.num_experts={theirs_e!r} but the config says {ours_e!r}"
+        )
+    if ours_e is not None:
+        m = meta["model"]
+        theirs_f = m.get("moe_ffn_hidden_size") or m.get("ffn_hidden_size")
+        if theirs_f != cfg.model.expert_ffn:
+            raise ConfigError(
+                f"{where}: checkpoint's experts have width {theirs_f!r} but the config says "
+                f"{cfg.model.expert_ffn!r} (model.moe_ffn_hidden_size)"
+            )
 
 
 def _marked(root: str | os.PathLike, marker_name: str) -> Path | None:

@@ -169,3 +169,22 @@ def test_routing_replay_implies_recording():
     cfg.validate()
     assert cfg.rollout.record_routing
     assert not load_config(None, _MOE).rollout.record_routing
+
+
+def test_checkpoint_with_other_experts_is_refused():
+    from dataclasses import asdict
+
+    from megatron_t1.config import ConfigError, load_config
+    from megatron_t1.mcore.checkpoint import check_compatible
+
+    cfg = load_config(None, _MOE)
+    meta = {"model": asdict(cfg.model)}
+    check_compatible(meta, cfg, "ckpt")  # the same model passes
+    for key, value, message in [
+        ("num_experts", 8, "num_experts=8"),
+        ("num_experts", None, "num_experts=None"),
+        ("moe_ffn_hidden_size", 7, "width 7"),
+    ]:
+        bad = {"model": {**meta["model"], key: value}}
+        with pytest.raises(ConfigError, match=message):
+            check_compatible(bad, cfg, "ckpt")
