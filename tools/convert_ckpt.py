@@ -100,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser(
         "verify",
         help="compare logits of the HF model and the Megatron checkpoint",
-        description="Run transformers and Megatron (tp x pp local ranks) on the same random tokens; "
+        description="Run transformers and Megatron (tp x pp x ep local ranks) on the same random tokens; "
         "print the max abs logit difference and the top-1 agreement.",
         epilog=VERIFY_EXAMPLE,
         formatter_class=fmt,
@@ -109,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--mcore-dir", required=True, help="Megatron checkpoint folder")
     c.add_argument("--tp", type=int, default=1, help="tensor parallel ranks to load at")
     c.add_argument("--pp", type=int, default=1, help="pipeline parallel ranks to load at")
+    c.add_argument(
+        "--ep", type=int, default=1, help="MoE: expert parallel ranks to load at (x TP x PP ranks)"
+    )
     c.add_argument("--seq-len", type=int, default=32, help="tokens per sequence")
     c.add_argument("--batch", type=int, default=2, help="sequences")
     c.add_argument("--seed", type=int, default=0, help="seed of the random tokens")
@@ -158,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
                 args.mcore_dir,
                 tp=args.tp,
                 pp=args.pp,
+                ep=args.ep,
                 seq_len=args.seq_len,
                 batch=args.batch,
                 seed=args.seed,

@@ -204,12 +204,18 @@ def compare_logits(ref: torch.Tensor, got: torch.Tensor) -> dict:
 
 
 def verify_config(
-    mcore_dir: str | os.PathLike, *, tp: int = 1, pp: int = 1, device: str = "cpu", seq_len: int = 32
+    mcore_dir: str | os.PathLike,
+    *,
+    tp: int = 1,
+    pp: int = 1,
+    ep: int = 1,
+    device: str = "cpu",
+    seq_len: int = 32,
 ) -> Config:
-    """The run config of a converted checkpoint at layout ``tp`` x ``pp`` (fp32)."""
+    """The run config of a converted checkpoint at layout ``tp`` x ``pp`` (x ``ep`` experts; fp32)."""
     meta = read_checkpoint_metadata(resolve_checkpoint_dir(mcore_dir))
     mc = ModelConfig(**{**meta["model"], "precision": "fp32", "hf_config": None})
-    return layout_config(mc, tp=tp, pp=pp, device=device, seq_len=seq_len)
+    return layout_config(mc, tp=tp, pp=pp, ep=ep, device=device, seq_len=seq_len)
 
 
 def layout_config(
@@ -247,15 +253,21 @@ def _verify_worker(rank: int, world: int, port: int, args: dict) -> None:
     )
     torch.set_num_threads(args.get("threads", 1))
     ckpt = resolve_checkpoint_dir(args["mcore_dir"])
-    cfg = verify_config(ckpt, tp=args["tp"], pp=args["pp"], device=args["device"], seq_len=args["seq_len"])
+    cfg = verify_config(
+        ckpt, tp=args["tp"], pp=args["pp"], ep=args["ep"], device=args["device"], seq_len=args["seq_len"]
+    )
     init_parallel(cfg.parallel, seed=0, device=args["device"])
     try:
         chunks = build_model(cfg, wrap_ddp=False)
         load_checkpoint(ckpt, cfg, chunks, weights_only=True)
         gen = torch.Generator().manual_seed(args["seed"])
         tokens = torch.randint(0, cfg.model.vocab_size, (args["batch"], args["seq_len"]), generator=gen)
-        logits = megatron_logits(chunks, tokens, cfg)
-        if logits is not None and ps.get_tensor_model_parallel_rank() == 0:
+        logits = megatron_logits(chunks, tokens, cfg)  # every DP (= EP) rank: the same tokens
+        if (
+            logits is not None
+            and ps.get_tensor_model_parallel_rank() == 0
+            and ps.get_data_parallel_rank() == 0
+        ):
             result = compare_logits(hf_logits(args["hf_dir"], tokens), logits)
             Path(args["result"]).write_text(json.dumps(result))
     finally:
@@ -274,26 +286,29 @@ def verify(
     *,
     tp: int = 1,
     pp: int = 1,
+    ep: int = 1,
     seq_len: int = 32,
     batch: int = 2,
     seed: int = 0,
     device: str = "cpu",
     timeout_s: float = 1800.0,
 ) -> dict:
-    """Run the HF model and the converted checkpoint (``tp * pp`` spawned ranks, gloo on CPU) on
-    the same random tokens; returns :func:`compare_logits`'s dict."""
+    """Run the HF model and the converted checkpoint (``tp * pp * ep`` spawned ranks, gloo on CPU;
+    with ``ep`` > 1 the experts are split over ``ep`` data-parallel ranks that all run the same tokens,
+    through the all-to-all dispatcher) on the same random tokens; returns :func:`compare_logits`'s dict."""
     import torch.multiprocessing as mp
 
     spec, hf_mc, _ = model_config_from_hf_dir(hf_dir)
-    cfg = verify_config(mcore_dir, tp=tp, pp=pp, device=device, seq_len=seq_len)
+    cfg = verify_config(mcore_dir, tp=tp, pp=pp, ep=ep, device=device, seq_len=seq_len)
     _check_same_model(cfg.model, hf_mc, str(hf_dir))
-    world = tp * pp
+    world = tp * pp * ep
     with tempfile.TemporaryDirectory() as tmp:
         args = {
             "hf_dir": str(hf_dir),
             "mcore_dir": str(mcore_dir),
             "tp": tp,
             "pp": pp,
+            "ep": ep,
             "seq_len": seq_len,
             "batch": batch,
             "seed": seed,

@@ -207,3 +207,25 @@ def test_verify_command_spawns_ranks_and_reports(arch, tmp_path, capsys):
     text = capsys.readouterr().out
     assert code == 0, text
     assert "top-1 agreement 1.0000" in text and "OK" in text
+
+
+def test_verify_command_at_ep2(tmp_path, capsys):
+    """``verify --ep 2``: two spawned ranks, each holding half the experts, all-to-all dispatch."""
+    import importlib.util
+    from pathlib import Path
+
+    from megatron_t1.convert.offline import hf_to_mcore
+
+    hf_dir = make_hf_dir(MOE, tmp_path / "moe")
+    ckpt = hf_to_mcore(hf_dir, tmp_path / "mcore", progress=False)
+    spec = importlib.util.spec_from_file_location(
+        "convert_ckpt", Path(__file__).parents[2] / "tools/convert_ckpt.py"
+    )
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    code = cli.main(
+        ["verify", "--hf-dir", str(hf_dir), "--mcore-dir", str(ckpt), "--ep", "2", "--tol", "1e-4"]
+    )
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "top-1 agreement 1.0000" in text and "OK" in text
