@@ -12,7 +12,7 @@ metrics the loop logs before the update:
 
 and writes OUT/routing_replay.json and a markdown table (stdout and OUT/routing_replay.md).
 
-    python bench/routing_replay.py --out runs/routing_replay          # ~2 min on 2 cores
+    python bench/routing_replay.py --out runs/routing_replay    # 45 min on 2 cores shared with other jobs
 """
 
 from __future__ import annotations
