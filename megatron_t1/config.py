@@ -533,9 +533,11 @@ class Config:
     anchor: AnchorConfig = field(default_factory=AnchorConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
-    def __post_init__(self) -> None:
-        if self.loss.routing_replay:  # replay needs the engine's routing
-            self.rollout.record_routing = True
+    @property
+    def records_routing(self) -> bool:
+        """The rollout engine records each token's MoE routing: ``rollout.record_routing``, or
+        ``loss.routing_replay`` (which replays it)."""
+        return self.rollout.record_routing or self.loss.routing_replay
 
     def validate(self, world_size: int | None = None, *, stage: Literal["sft", "rl"] | None = None) -> None:
         """Cross-section checks that Megatron would otherwise fail on late (or hang on); with ``stage``,
@@ -606,9 +608,9 @@ class Config:
         """``rollout.record_routing`` / ``loss.routing_replay``: an MoE policy, the HF engine (vLLM's
         routed-experts output is not wired yet), and no full recomputation (the recomputed routers in
         backward would not see the replayed choice)."""
-        what = "loss.routing_replay" if self.loss.routing_replay else "rollout.record_routing"
-        if not self.rollout.record_routing:
+        if not self.records_routing:
             return
+        what = "loss.routing_replay" if self.loss.routing_replay else "rollout.record_routing"
         if self.model.num_experts is None:
             raise ConfigError(f"{what} needs an MoE policy (model.num_experts); this model is dense")
         if self.rollout.engine != "hf":

@@ -102,13 +102,13 @@ def check_compatible(meta: dict, cfg: Config, where: str) -> None:
             raise ConfigError(f"{where}: checkpoint has model.{k}={theirs!r} but the config says {ours!r}")
     # MoE: a different expert count or width would fail deep in dist_checkpointing, or (fewer experts
     # in the config) load a subset silently
-    theirs_e, ours_e = meta["model"].get("num_experts"), cfg.model.num_experts
+    m = meta["model"]
+    theirs_e, ours_e = m.get("num_experts"), cfg.model.num_experts
     if theirs_e != ours_e:
         raise ConfigError(
             f"{where}: checkpoint has model.num_experts={theirs_e!r} but the config says {ours_e!r}"
         )
     if ours_e is not None:
-        m = meta["model"]
         theirs_f = m.get("moe_ffn_hidden_size") or m.get("ffn_hidden_size")
         if theirs_f != cfg.model.expert_ffn:
             raise ConfigError(

@@ -168,8 +168,8 @@ def recorded_routing(
     experts, so the router is trained. With ``agreement`` each router's own top-k is compared with the
     record too. Without ``routed_experts`` in the batch, or neither option, nothing changes."""
     routes = batch.get("routed_experts")
-    routers = _routers([model])
-    if routes is None or not routers or not (replay or agreement is not None):
+    routers = _routers([model]) if routes is not None and (replay or agreement is not None) else []
+    if not routers:
         yield
         return
     from megatron.core.transformer.moe.router_replay import RouterReplayAction

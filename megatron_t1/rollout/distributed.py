@@ -334,7 +334,7 @@ def _hf_engine(cfg: Config, tokenizer, device: torch.device):
     model_type = hf.pop("model_type")
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **hf))
     model = model.to(device=device, dtype=getattr(torch, dtype))
-    return HFEngine(model, tokenizer, record_routing=cfg.rollout.record_routing)
+    return HFEngine(model, tokenizer, record_routing=cfg.records_routing)
 
 
 def _server_pool(cfg: Config):

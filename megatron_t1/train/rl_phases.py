@@ -249,7 +249,7 @@ def pack_phase(run: RLRun, ro: Rollouts, sel: Selected) -> StepBatches:
         [ro.gens[p].prompt_token_ids for p, _ in sel.pairs], [c.token_ids for c in comps], cfg.data.seq_length
     )
     routes = None
-    if cfg.rollout.record_routing:  # prompt + response routing, cut like the document
+    if cfg.records_routing:  # prompt + response routing, cut like the document
         routes = [
             torch.cat([ro.gens[p].routed_experts, c.routed_experts])[: len(d)]
             for (p, _), c, d in zip(sel.pairs, comps, docs)
@@ -287,14 +287,14 @@ class Passes:
     mismatch_mean: float
     mismatch_max: float
     route: dict[str, float] = field(default_factory=dict)
-    """``moe/route_agreement`` of the policy pass (``rollout.record_routing``), else empty."""
+    """``moe/route_agreement`` of the policy pass (``Config.records_routing``), else empty."""
 
 
 def logprob_phase(run: RLRun, batch: StepBatches) -> Passes:
     """Policy and anchor log-probs (same shards, same micro-batches; the anchor swapped in), then the
     per-response k1 sums and the train/rollout mismatch reduced over all ranks."""
     mbs, kw = batch.all_microbatches(), run.logprob_kwargs()
-    agreement = RouteAgreement() if run.cfg.rollout.record_routing else None
+    agreement = RouteAgreement() if run.cfg.records_routing else None
     pol = compute_logprobs(run.chunks, mbs, route_agreement=agreement, **kw)
     with run.anchor.swapped_in():
         anc = compute_logprobs(run.chunks, mbs, **kw)

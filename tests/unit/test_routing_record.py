@@ -167,8 +167,8 @@ def test_routing_replay_implies_recording():
 
     cfg = load_config(None, [*_MOE, "loss.routing_replay=true"])
     cfg.validate()
-    assert cfg.rollout.record_routing
-    assert not load_config(None, _MOE).rollout.record_routing
+    assert cfg.records_routing
+    assert not load_config(None, _MOE).records_routing
 
 
 def test_checkpoint_with_other_experts_is_refused():
