@@ -118,6 +118,13 @@ class ModelConfig:
     moe_aux_loss_coeff: float = 0.0
     """Weight of Megatron's load-balancing auxiliary loss (Switch-style, per micro-batch) added to the
     gradient; 0 turns it off (Qwen3-MoE's ``router_aux_loss_coef`` is 0.001, used when training)."""
+    moe_grouped_gemm: bool | None = None
+    """Run each layer's local experts as one grouped GEMM (TransformerEngine's ``GroupedLinear``,
+    Megatron's ``TEGroupedMLP``) instead of one GEMM per expert (``SequentialMLP``). null: when the
+    TE spec is used and TE has grouped linears; true: required (an error without them); false: never.
+    The weights are the same per-expert matrices under other parameter names, and both save the same
+    distributed checkpoint, so conversion, export and checkpoints do not depend on it. Only with
+    num_experts."""
     tie_word_embeddings: bool = True
     """Share the input embedding with the output layer."""
     init_method_std: float = 0.02
@@ -163,6 +170,8 @@ class ModelConfig:
                 raise ConfigError(f"model.moe_ffn_hidden_size must be > 0, got {self.moe_ffn_hidden_size}")
         if self.moe_aux_loss_coeff < 0:
             raise ConfigError(f"model.moe_aux_loss_coeff must be >= 0, got {self.moe_aux_loss_coeff}")
+        if self.moe_grouped_gemm and self.num_experts is None:
+            raise ConfigError("model.moe_grouped_gemm=true needs model.num_experts (this model is dense)")
 
     @property
     def expert_ffn(self) -> int:

@@ -170,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
             ok = r["max_abs_diff"] <= args.tol and r["top1_agreement"] >= args.min_top1
             print(
                 f"max abs logit diff {r['max_abs_diff']:.3e} (tol {args.tol:g}), top-1 agreement "
-                f"{r['top1_agreement']:.4f} over {r['positions']} positions: {'OK' if ok else 'FAILED'}"
+                f"{r['top1_agreement']:.4f} over {r['positions']} positions"
+                + (f" (experts: {r['experts']})" if "experts" in r else "")
+                + f": {'OK' if ok else 'FAILED'}"
             )
             return 0 if ok else 1
     except (ConvertError, ConfigError) as e:

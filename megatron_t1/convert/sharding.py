@@ -167,3 +167,21 @@ def shift_expert(name: str, offset: int) -> str:
     if not m:
         return name
     return f"{m.group(1)}{int(m.group(2)) + offset}{m.group(3)}"
+
+
+_GROUPED_EXPERT = re.compile(r"^(.*\.mlp\.experts\.)(linear_fc[12])\.(weight|bias)(\d+)$")
+
+
+def sequential_expert_name(name: str) -> str:
+    """A ``TEGroupedMLP`` parameter name -> the ``SequentialMLP`` name of the same tensor; other names
+    are returned as they are.
+
+    TE's grouped linears keep local expert ``e``'s matrix as ``weight{e}`` (``bias{e}``) of one module:
+    ``...mlp.experts.linear_fc1.weight3`` is ``...mlp.experts.local_experts.3.linear_fc1.weight``, the
+    same ``[rows / TP, cols]`` shard with the same ``[gate_r; up_r]`` row order (both modules save one
+    distributed checkpoint, ``experts.py``), so the maps need the sequential names only.
+    """
+    m = _GROUPED_EXPERT.match(name)
+    if not m:
+        return name
+    return f"{m.group(1)}local_experts.{m.group(4)}.{m.group(2)}.{m.group(3)}"

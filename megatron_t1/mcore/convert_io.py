@@ -33,7 +33,13 @@ from megatron_t1.config import Config, ConfigError, DataConfig, ModelConfig, Par
 from megatron_t1.convert.hf_io import SafetensorsReader
 from megatron_t1.convert.maps import ConvertError, Dims, from_hf
 from megatron_t1.convert.registry import model_config_from_hf_dir
-from megatron_t1.convert.sharding import layer_offset, shard_tp, shift_expert, shift_layer
+from megatron_t1.convert.sharding import (
+    layer_offset,
+    sequential_expert_name,
+    shard_tp,
+    shift_expert,
+    shift_layer,
+)
 from megatron_t1.convert.torch_dist import (  # noqa: F401  (re-exported for mcore/checkpoint.py)
     FORMAT,
     METADATA_FILE,
@@ -73,6 +79,14 @@ def _local_spec_name(name: str) -> str:
     return name
 
 
+def global_map_name(local_name: str, layer_offset: int, expert_offset: int) -> str:
+    """A parameter name of this rank's model chunk -> the name the converter maps use: global layer
+    index (+ the chunk's ``layer_offset``), ``SequentialMLP`` expert names (grouped ones renamed) with
+    the global expert index (+ this EP rank's ``expert_offset``), local-spec norm names."""
+    name = shift_layer(sequential_expert_name(local_name), layer_offset)
+    return _local_spec_name(shift_expert(name, expert_offset))
+
+
 def _check_same_model(ours: ModelConfig, hf: ModelConfig, where: str) -> None:
     for k in _COMPARED_FIELDS:
         if getattr(ours, k) != getattr(hf, k):
@@ -109,7 +123,7 @@ def load_hf_into_model(
         model = unwrap(chunk)
         offset = layer_offset(d.layers, pp, pp_rank, vpp, vp_stage if vpp else None)
         for local_name, param in model.named_parameters():
-            name = _local_spec_name(shift_expert(shift_layer(local_name, offset), expert_offset))
+            name = global_map_name(local_name, offset, expert_offset)
             if name == "output_layer.weight" and d.tied:
                 name = "embedding.word_embeddings.weight"  # the last stage's copy of the tied embedding
             tm = maps.get(name)
@@ -214,7 +228,8 @@ def verify_config(
 ) -> Config:
     """The run config of a converted checkpoint at layout ``tp`` x ``pp`` (x ``ep`` experts; fp32)."""
     meta = read_checkpoint_metadata(resolve_checkpoint_dir(mcore_dir))
-    mc = ModelConfig(**{**meta["model"], "precision": "fp32", "hf_config": None})
+    # fp32, and grouped GEMM only where this machine has it (the checkpoint does not depend on it)
+    mc = ModelConfig(**{**meta["model"], "precision": "fp32", "hf_config": None, "moe_grouped_gemm": None})
     return layout_config(mc, tp=tp, pp=pp, ep=ep, device=device, seq_len=seq_len)
 
 
@@ -269,6 +284,8 @@ def _verify_worker(rank: int, world: int, port: int, args: dict) -> None:
             and ps.get_data_parallel_rank() == 0
         ):
             result = compare_logits(hf_logits(args["hf_dir"], tokens), logits)
+            if cfg.model.num_experts:  # SequentialMLP, or TEGroupedMLP with grouped GEMM
+                result["experts"] = type(unwrap(chunks[0]).decoder.layers[0].mlp.experts).__name__
             Path(args["result"]).write_text(json.dumps(result))
     finally:
         destroy_parallel()

@@ -40,8 +40,8 @@ from megatron.core import parallel_state as ps
 from megatron_t1.config import Config
 from megatron_t1.convert.maps import ArchSpec, ConvertError, Dims, TensorMap, TPRule, to_hf
 from megatron_t1.convert.registry import spec_for_arch
-from megatron_t1.convert.sharding import expert_index, layer_offset, layer_range, shift_expert, shift_layer
-from megatron_t1.mcore.convert_io import _local_spec_name
+from megatron_t1.convert.sharding import expert_index, layer_offset, layer_range
+from megatron_t1.mcore.convert_io import global_map_name
 from megatron_t1.mcore.model import unwrap
 
 DEFAULT_BUCKET_MB = 512
@@ -213,8 +213,7 @@ def _local_params(
         model = unwrap(chunk)
         offset = layer_offset(cfg.model.num_layers, pp, pp_rank, vpp, v if vpp else None)
         for local_name, param in model.named_parameters():
-            name = shift_expert(shift_layer(local_name, offset), expert_offset)
-            out[(_local_spec_name(name), v)] = param
+            out[(global_map_name(local_name, offset, expert_offset), v)] = param
     return out
 
 

@@ -48,6 +48,32 @@ def te_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
+def te_grouped_linear_available() -> bool:
+    """TE is usable (:func:`te_available`) and Megatron-Core found its ``GroupedLinear`` (TE >= 1.9)."""
+    if not te_available():
+        return False
+    from megatron.core.extensions import transformer_engine as mte
+
+    return getattr(mte, "TEColumnParallelGroupedLinear", None) is not None
+
+
+def uses_grouped_gemm(cfg: Config) -> bool:
+    """Whether the experts of ``cfg``'s MoE layers run as TE grouped GEMMs (``TEGroupedMLP``), per
+    ``model.moe_grouped_gemm``; raises a ``ConfigError`` when it is true and TE's grouped linears are
+    missing. Always False for a dense model."""
+    m = cfg.model
+    if m.num_experts is None or m.moe_grouped_gemm is False:
+        return False
+    have = te_grouped_linear_available()
+    if m.moe_grouped_gemm and not have:
+        why = "no GPU" if not torch.cuda.is_available() else "no TransformerEngine with GroupedLinear"
+        raise ConfigError(
+            f"model.moe_grouped_gemm=true needs TransformerEngine's GroupedLinear on a GPU ({why}); "
+            "set it to null (grouped when available) or false (one GEMM per expert)"
+        )
+    return have
+
+
 def transformer_config(cfg: Config) -> TransformerConfig:
     """The single translation from our config tree to Megatron's TransformerConfig."""
     m, p = cfg.model, cfg.parallel
@@ -127,7 +153,7 @@ def _moe_fields(cfg: Config) -> dict:
         moe_router_load_balancing_type="aux_loss" if m.moe_aux_loss_coeff > 0 else "none",
         moe_aux_loss_coeff=m.moe_aux_loss_coeff,
         moe_token_dispatcher_type="alltoall",
-        moe_grouped_gemm=False,
+        moe_grouped_gemm=uses_grouped_gemm(cfg),
         expert_model_parallel_size=p.ep,
         moe_enable_routing_replay=cfg.loss.routing_replay,  # each router gets a RouterReplay (mcore/moe.py)
     )
@@ -202,7 +228,9 @@ def layer_spec(cfg: Config):
     """TE spec when TransformerEngine is usable, the local (pure Megatron) spec otherwise."""
     qk, experts = cfg.model.qk_layernorm, cfg.model.num_experts
     if te_available():
-        return get_gpt_layer_with_transformer_engine_spec(num_experts=experts, qk_layernorm=qk)
+        return get_gpt_layer_with_transformer_engine_spec(
+            num_experts=experts, qk_layernorm=qk, moe_grouped_gemm=uses_grouped_gemm(cfg)
+        )
     if experts is not None:
         fill_moe_te_gap()  # megatron-core 0.16.1's MoE router without TE (mcore/cpu.py, patch 9)
     spec = get_gpt_layer_local_spec(

@@ -54,8 +54,9 @@ Assumptions of the formulas (each is a line of the printed table, so a wrong one
 
 MoE (Qwen3-MoE: Megatron-Core's MoE layer in every layer, ``mcore.model._moe_fields``), following
 megatron-core 0.16.1's layouts, its top-k router (``transformer/moe/router.py``, ``moe_utils.py``), its
-alltoall dispatcher (``token_dispatcher.py``) and ``SequentialMLP`` experts (``experts.py``; we set
-``moe_grouped_gemm=False``):
+alltoall dispatcher (``token_dispatcher.py``) and ``SequentialMLP`` experts (``experts.py``; the
+local spec's; TE's grouped-GEMM experts, ``model.moe_grouped_gemm``, hold the same weights and are
+counted as these: what TE's grouped linears save for backward is not measured, no TE here):
 
 * Parameters per layer: the router, an [E, h] weight replicated over TP (and over EP: every rank
   routes its own tokens), and E experts, each a gated MLP of ``expert_ffn``. Experts are split over

@@ -228,4 +228,4 @@ def test_verify_command_at_ep2(tmp_path, capsys):
     )
     text = capsys.readouterr().out
     assert code == 0, text
-    assert "top-1 agreement 1.0000" in text and "OK" in text
+    assert "top-1 agreement 1.0000" in text and "(experts: SequentialMLP): OK" in text  # no TE here

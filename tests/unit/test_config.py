@@ -228,6 +228,8 @@ def test_moe_fields_and_expert_parallel_validation():
         ModelConfig(num_experts=4, moe_router_topk=5)
     with pytest.raises(ConfigError, match="num_experts must be >= 2"):
         ModelConfig(num_experts=1)
+    with pytest.raises(ConfigError, match="moe_grouped_gemm=true needs model.num_experts"):
+        ModelConfig(moe_grouped_gemm=True)
     with pytest.raises(ConfigError, match="moe_aux_loss_coeff"):
         ModelConfig(num_experts=4, moe_aux_loss_coeff=-1.0)
     cfg = Config(

@@ -172,6 +172,36 @@ def test_shift_layer_names():
     assert shift_expert("decoder.layers.1.mlp.router.weight", 2) == "decoder.layers.1.mlp.router.weight"
 
 
+def test_grouped_expert_names_are_renamed_to_sequential_ones():
+    """TEGroupedMLP keeps local expert e as ``weight{e}`` / ``bias{e}`` of its grouped linears
+    (megatron-core 0.16.1 ``TEGroupedLinear``); the maps know SequentialMLP's names only."""
+    from megatron_t1.convert.sharding import sequential_expert_name
+    from megatron_t1.mcore.convert_io import global_map_name
+
+    g = "decoder.layers.1.mlp.experts."
+    assert sequential_expert_name(g + "linear_fc1.weight3") == g + "local_experts.3.linear_fc1.weight"
+    assert sequential_expert_name(g + "linear_fc2.weight12") == g + "local_experts.12.linear_fc2.weight"
+    assert sequential_expert_name(g + "linear_fc2.bias0") == g + "local_experts.0.linear_fc2.bias"
+    for unchanged in (
+        g + "local_experts.3.linear_fc1.weight",  # already sequential
+        "decoder.layers.1.mlp.linear_fc1.weight",  # a dense MLP
+        "decoder.layers.1.mlp.router.weight",
+        g + "linear_fc1._extra_state",
+    ):
+        assert sequential_expert_name(unchanged) == unchanged
+    # PP chunk starting at layer 4, EP rank holding global experts 8.. : both offsets apply after renaming
+    assert global_map_name(g + "linear_fc1.weight3", 4, 8) == (
+        "decoder.layers.5.mlp.experts.local_experts.11.linear_fc1.weight"
+    )
+    assert global_map_name(g + "local_experts.3.linear_fc1.weight", 4, 8) == global_map_name(
+        g + "linear_fc1.weight3", 4, 8
+    )
+    # TE-spec norm names still go to the local spec's
+    assert global_map_name("decoder.layers.0.self_attention.linear_qkv.layer_norm_weight", 2, 0) == (
+        "decoder.layers.2.input_layernorm.weight"
+    )
+
+
 def _random_hf(spec, mc, d):
     g = torch.Generator().manual_seed(0)
     out = {}

@@ -101,9 +101,16 @@ def test_moe_gpt_model_trains_on_cpu_and_routes_as_qwen3_moe():
             want = torch.zeros_like(p).scatter(1, idx, top)
             err = (probs.double() - want).abs().max().item()
             mask_ok = torch.equal(routing_map, want > 0)
-            res.append(f"{len(grads)} {ok} {mask_ok} {err < 1e-6}")
+            res.append(f"{len(grads)} {ok} {mask_ok} {err < 1e-6} {type(mlp.experts).__name__}")
             destroy_parallel()
+        # model.moe_grouped_gemm: null falls back to one GEMM per expert here (above); true refuses
+        cfg.model.moe_grouped_gemm = True
+        try:
+            transformer_config(cfg)
+            res.append("built")
+        except Exception as e:
+            res.append(f"{type(e).__name__}: {'GroupedLinear' in str(e) and 'no GPU' in str(e)}")
         print(" | ".join(res))
         """
     )
-    assert out == "9 True True True | 9 True True True"
+    assert out == ("9 True True True SequentialMLP | 9 True True True SequentialMLP | ConfigError: True")
