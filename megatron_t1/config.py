@@ -351,6 +351,13 @@ class CheckpointConfig:
     """Number of step checkpoints kept in the run folder (older ones are deleted after a save)."""
     save_optimizer: bool = True
     """Include optimizer and scheduler state (needed for exact resume)."""
+    optimizer_format: Literal["dp_reshardable", "fully_reshardable"] = "dp_reshardable"
+    """How the *distributed* optimizer's states are saved (``parallel.use_distributed_optimizer``; the
+    plain optimizer's are whole tensors and resume at any layout). ``dp_reshardable`` (Megatron-LM's
+    default): each rank writes its own shard of the flat buffers, no communication; a resume keeps
+    TP, PP and EP. ``fully_reshardable``: the shards are gathered over DP into whole per-parameter
+    tensors (each rank holds its model shard's full fp32 states during the save: 12 bytes a
+    parameter / (TP x PP)), and the run resumes at any layout."""
     resume: bool = True
     """Resume from ``runs/NAME/checkpoints/latest`` when present."""
     keep_best: bool = False

@@ -22,6 +22,7 @@ never silently restarts from ``init_from``.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import Sequence
@@ -117,6 +118,118 @@ def check_compatible(meta: dict, cfg: Config, where: str) -> None:
             )
 
 
+PLAIN_OPTIMIZER = "plain"
+"""``optimizer.format`` in the metadata of a checkpoint saved by the plain (not distributed) optimizer,
+and of every checkpoint written before the field existed."""
+
+
+def _optimizer_layout(cfg: Config) -> dict:
+    """What a saved optimizer state depends on: its format and, for ``dp_reshardable``, the layout."""
+    p = cfg.parallel
+    fmt = cfg.checkpoint.optimizer_format if p.use_distributed_optimizer else PLAIN_OPTIMIZER
+    return {"format": fmt, "tp": p.tp, "pp": p.pp, "ep": p.ep, "vpp": p.virtual_pipeline_model_parallel_size}
+
+
+def _optimizer_sd_metadata(fmt: str) -> dict | None:
+    """The ``metadata`` for Megatron's ``optimizer.sharded_state_dict`` (None for the plain optimizer).
+
+    Without it megatron-core 0.16.1's distributed optimizer falls back to its deprecated
+    ``fully_sharded_model_space`` format, whose flattened ShardedTensors its own checkpointing then
+    refuses ("ShardedTensor.flattened_range is not supported"): every save would fail.
+    """
+    return None if fmt == PLAIN_OPTIMIZER else {"distrib_optim_sharding_type": fmt}
+
+
+def _materialize_optimizer_state(optimizer) -> None:
+    """Give a fresh distributed optimizer the state a load writes into.
+
+    megatron-core 0.16.1's distributed optimizer builds its sharded state dict for loading from the
+    live state of its torch optimizer (the step count and the Adam moments of each shard), which
+    torch's Adam only creates at its first step: loading into a fresh one fails on an assertion.
+    Like Megatron's own FSDP path (``_init_optimizer_states_with_dummy_values``) we take one step with
+    zero gradients; the load then overwrites every value that step set (main weights, moments, step).
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(part, DistributedOptimizer) and not part.optimizer.state:
+            part._init_optimizer_states_with_dummy_values()
+
+
+@contextlib.contextmanager
+def _torch_adam_steps_restored(optimizer):
+    """While loading a distributed-optimizer state: give torch Adam's per-parameter "step" the saved one.
+
+    Without an apex / TE optimizer (CPU, or a GPU without them) the step count lives in each
+    parameter's state of torch's Adam. megatron-core 0.16.1 restores it into the param groups from
+    the checkpoint, then copies each parameter's state tensors from the loaded ones, where "step"
+    is missing (``fully_reshardable``: a ``KeyError``) or is the live optimizer's own
+    (``dp_reshardable``: the 1 of :func:`_materialize_optimizer_state`'s step, so Adam's bias
+    correction would restart; measured: resumed losses off by 5e-4). The step copied is the group's.
+    It also hands every parameter the *same* step tensor, which torch's Adam then increments once per
+    parameter at each step (measured: 2 -> 12 after one step of 10 parameters); on exit each
+    parameter of ``optimizer`` gets a step of its own.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def set_states(self, model_param, tensors):
+        group, order = self.model_param_group_index_map[model_param]
+        pg = self.optimizer.param_groups[group]
+        live = self.optimizer.state.get(pg["params"][order], {})
+        if "step" in live and pg.get("step") is not None:
+            tensors = {**tensors, "step": torch.tensor(float(pg["step"]), dtype=live["step"].dtype)}
+        return original(self, model_param, tensors)
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+    try:
+        yield
+    finally:
+        DistributedOptimizer._set_main_param_and_optimizer_states = original
+    for part in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(part, DistributedOptimizer):
+            for state in part.optimizer.state.values():
+                if "step" in state:
+                    state["step"] = state["step"].clone()
+
+
+def check_optimizer_resumable(meta: dict, cfg: Config, where: str) -> str:
+    """The format to load a checkpoint's optimizer state with; a :class:`CheckpointError` naming what
+    to change when this run cannot (another optimizer kind or format, or a ``dp_reshardable`` state at
+    another TP / PP / EP / VPP)."""
+    saved = meta.get("optimizer", {"format": PLAIN_OPTIMIZER})
+    if saved is None:
+        raise CheckpointError(f"{where}: no optimizer state (saved with checkpoint.save_optimizer=false)")
+    ours = _optimizer_layout(cfg)
+    if saved["format"] != ours["format"]:
+
+        def name(fmt: str) -> str:
+            if fmt == PLAIN_OPTIMIZER:
+                return "the plain optimizer (parallel.use_distributed_optimizer=false)"
+            return f"the distributed optimizer with checkpoint.optimizer_format={fmt}"
+
+        raise CheckpointError(
+            f"{where}: its optimizer state was saved by {name(saved['format'])}, this run uses "
+            f"{name(ours['format'])}; resume with the same setting, or start a new run from its weights "
+            "(checkpoint.init_from)"
+        )
+    if saved["format"] == "dp_reshardable":
+        keys = ("tp", "pp", "ep", "vpp")
+        if any(saved.get(k) != ours[k] for k in keys):
+
+            def show(d: dict) -> str:
+                return " ".join(f"{k.upper()}={d.get(k)}" for k in keys)
+
+            raise CheckpointError(
+                f"{where}: its distributed-optimizer state (checkpoint.optimizer_format=dp_reshardable) "
+                f"was saved at {show(saved)} and loads only at that layout, this run is {show(ours)}; "
+                "resume at the saved layout (DP may differ), or save with optimizer_format=fully_reshardable "
+                "to change it, or start a new run from its weights (checkpoint.init_from)"
+            )
+    return saved["format"]
+
+
 def _marked(root: str | os.PathLike, marker_name: str) -> Path | None:
     """The step folder the marker file names, or None without a marker (raises if incomplete)."""
     marker = Path(root) / marker_name
@@ -172,8 +285,11 @@ def save_checkpoint(
         tmp.mkdir()
     _barrier()
     sharded = _model_sharded_sd(chunks)
-    if optimizer is not None and cfg.checkpoint.save_optimizer:
-        sharded["optimizer"] = optimizer.sharded_state_dict(sharded)
+    layout = _optimizer_layout(cfg) if optimizer is not None and cfg.checkpoint.save_optimizer else None
+    if layout is not None:
+        sharded["optimizer"] = optimizer.sharded_state_dict(
+            sharded, metadata=_optimizer_sd_metadata(layout["format"])
+        )
     if extra_sharded:
         sharded.update(extra_sharded)
     sharded["run_state"] = {
@@ -195,7 +311,7 @@ def save_checkpoint(
     )
     _barrier()
     if rank == 0:
-        write_metadata(tmp, cfg, step=step)
+        write_metadata(tmp, cfg, step=step, extra={"optimizer": layout})
         publish_dir(tmp, final)  # an old folder of this step (a rerun) is replaced only now
         _write_marker(root / "latest", final.name)
         protect = None if best is None else step_dir_name(best)
@@ -242,7 +358,11 @@ def load_checkpoint(
     sharded = _model_sharded_sd(chunks)
     if not weights_only:
         if optimizer is not None:
-            sharded["optimizer"] = optimizer.sharded_state_dict(sharded, is_loading=True)
+            fmt = check_optimizer_resumable(meta, cfg, str(ckpt_dir))
+            _materialize_optimizer_state(optimizer)
+            sharded["optimizer"] = optimizer.sharded_state_dict(
+                sharded, is_loading=True, metadata=_optimizer_sd_metadata(fmt)
+            )
         sharded["run_state"] = None  # common (non-sharded) entries come back as saved
     if extra_sharded:
         sharded.update(extra_sharded)
@@ -259,7 +379,9 @@ def load_checkpoint(
     if optimizer is not None:
         if "optimizer" not in loaded:
             raise CheckpointError(f"{ckpt_dir}: no optimizer state (saved with save_optimizer=false)")
-        optimizer.load_state_dict(loaded["optimizer"])
+        steps = _torch_adam_steps_restored(optimizer) if fmt != PLAIN_OPTIMIZER else contextlib.nullcontext()
+        with torch.no_grad(), steps:  # no_grad: the distributed optimizer copies into views of params
+            optimizer.load_state_dict(loaded["optimizer"])
     run_state = loaded.get("run_state") or {}
     if scheduler is not None and run_state.get("scheduler") is not None:
         scheduler.num_steps = 0  # Megatron's load_state_dict *adds* the saved step count
