@@ -47,6 +47,13 @@ Patch points and why:
     tensors and relies on this device-to-host copy to turn them into numpy arrays, which
     ``all_to_all_single`` takes as split sizes; a CPU tensor was passed on unchanged, a ``TypeError``
     under expert parallelism.
+11. ``megatron.core.tensor_parallel.mappings._gather_along_first_dim`` /
+    ``_reduce_scatter_along_first_dim`` with split sizes (uneven parts per rank): gloo's
+    ``all_gather`` and ``reduce_scatter`` need equal parts (NCCL's take uneven ones). The alltoall
+    dispatcher uses them over TP when experts are split over EP *and* TP > 1 (the tokens each TP rank
+    routes to this EP rank's experts differ in number). On CPU the parts are padded to the largest,
+    gathered and trimmed; the reduce-scatter is an all-reduce of the whole tensor, of which each rank
+    keeps its part (same sums; the cost does not matter at CPU scale).
 
 Limits: TransformerEngine layers need CUDA; use the local layer spec (its norms allow sequence
 parallelism: ``megatron_t1.mcore.model.TorchNorm``), ``use_cpu_initialization=True`` and fp32.
@@ -182,6 +189,33 @@ def _move_to_cpu_as_numpy_too(tensor, as_numpy: bool = False, record_stream: boo
     return _state["move_to_cpu"](tensor, as_numpy=as_numpy, record_stream=record_stream)
 
 
+def _gather_uneven_too(input_, group, output_split_sizes=None, use_global_buffer=False):
+    """Patch 11: the uneven gather as padded equal parts."""
+    if output_split_sizes is None or group.size() == 1:
+        return _state["gather"](input_, group, output_split_sizes, use_global_buffer)
+    import torch.distributed as dist
+
+    sizes = [int(n) for n in output_split_sizes]
+    longest = max(sizes)
+    padded = input_.new_zeros((longest, *input_.shape[1:]))
+    padded[: input_.shape[0]] = input_
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded.contiguous(), group=group)
+    return torch.cat([p[:n] for p, n in zip(parts, sizes)], dim=0)
+
+
+def _reduce_scatter_uneven_too(input_, group, input_split_sizes=None, use_global_buffer=False):
+    """Patch 11: the uneven reduce-scatter as an all-reduce, each rank keeping its part."""
+    if input_split_sizes is None or group.size() == 1:
+        return _state["reduce_scatter"](input_, group, input_split_sizes, use_global_buffer)
+    import torch.distributed as dist
+
+    total = input_.contiguous().clone()
+    dist.all_reduce(total, group=group)
+    start = sum(int(n) for n in input_split_sizes[: group.rank()])
+    return total[start : start + int(input_split_sizes[group.rank()])].clone()
+
+
 def enable_cpu_mode(force: bool = False) -> bool:
     """Apply every patch listed in the module docstring; returns True when CPU mode is active.
 
@@ -224,6 +258,12 @@ def enable_cpu_mode(force: bool = False) -> bool:
 
         _state["move_to_cpu"] = token_dispatcher.maybe_move_tensor_to_cpu
         token_dispatcher.maybe_move_tensor_to_cpu = _move_to_cpu_as_numpy_too
+        from megatron.core.tensor_parallel import mappings
+
+        _state["gather"] = mappings._gather_along_first_dim
+        _state["reduce_scatter"] = mappings._reduce_scatter_along_first_dim
+        mappings._gather_along_first_dim = _gather_uneven_too
+        mappings._reduce_scatter_along_first_dim = _reduce_scatter_uneven_too
         _patch_megatron_backwards()
         _CudaToCpuMode().__enter__()  # stays pushed for the life of the process
         _state["enabled"] = True

@@ -42,10 +42,11 @@ def _hf_model(arch: str, out: Path) -> Path:
 
     m = MINI_MODEL
     common = dict(
-        hidden_size=m["hidden_size"], intermediate_size=m["ffn_hidden_size"], num_hidden_layers=m["num_layers"],
-        num_attention_heads=m["num_attention_heads"], num_key_value_heads=m["num_query_groups"],
-        head_dim=m["kv_channels"], vocab_size=m["vocab_size"], max_position_embeddings=m["max_position_embeddings"],
-        rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=False,
+        hidden_size=m["hidden_size"], intermediate_size=m["ffn_hidden_size"],
+        num_hidden_layers=m["num_layers"], num_attention_heads=m["num_attention_heads"],
+        num_key_value_heads=m["num_query_groups"], head_dim=m["kv_channels"], vocab_size=m["vocab_size"],
+        max_position_embeddings=m["max_position_embeddings"], rms_norm_eps=1e-6, rope_theta=1e6,
+        tie_word_embeddings=False,
     )  # fmt: skip
     torch.manual_seed(0)
     if arch == "qwen3_moe":
@@ -79,7 +80,7 @@ def miniature(example: dict, *, tp: int, ep: int, paths: dict) -> list[str]:
     }  # fmt: skip
     if "rollout" in example:
         sets |= {
-            "rollout.engine": "hf", "rollout.prompts_per_step": 2, "rollout.n_samples": 2 * ep,
+            "rollout.engine": "hf", "rollout.prompts_per_step": tp * ep, "rollout.n_samples": 2,
             "rollout.max_new_tokens": 24, "rollout.engines_per_node": None,
             "rollout.vllm_tensor_parallel_size": 1, "reward.num_workers": 1,
             "eval.heldout_path": paths["train"], "eval.heldout_size": 4, "eval.max_new_tokens": 24,
@@ -127,7 +128,6 @@ def test_example_runs_in_miniature(name, data, tmp_path):  # noqa: F811
         paths={"tok": data / "tok", "train": tmp_path / "sft.jsonl", "out": tmp_path, "init": converted},
     )  # fmt: skip
     r = _run(_torchrun(world, "sft", sft_yaml, sft_sets), timeout=420)
-    Path("/tmp/sft_err.txt").write_text(r.stderr)
     assert r.returncode == 0, r.stderr[-3000:]
     sft_dir = tmp_path / sft_cfg["run"]["name"]
     sft = [x for x in _records(sft_dir) if "loss" in x]
